@@ -1,0 +1,149 @@
+"""Window attention, V1 (scaled dot product) and V2 (scaled cosine), with a fused and an exact path."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .position import log_spaced_coords, relative_position_index
+from .windows import WindowGeometry, shift_mask
+
+_MAX_CACHE_ENTRIES = 32
+_MAX_LOGIT_SCALE = math.log(100.0)  # V2 caps the learned temperature at 100
+
+
+def _caching_allowed() -> bool:
+    # Compiled and traced graphs fold these tensors in as constants themselves; a Python
+    # dict lookup there would only cost a graph break.
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside each window, plus a relative position bias.
+
+    V1: softmax(q k^T / sqrt(d) + B) v with a learned ((2M-1)^2, heads) table B.
+    V2: softmax(cos(q, k) * tau + 16 sigmoid(MLP(log-spaced offsets))) v, tau = exp(min(logit_scale, log 100)).
+    Derived tensors (index, coordinates, shift masks, and in inference the whole
+    additive bias) are computed once per geometry, device and dtype and cached.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, version: int = 1, pretrained_window_size: int = 0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.window_size = window_size
+        self.version = version
+        self.pretrained_window_size = pretrained_window_size
+        self.attn_drop = attn_drop
+        self.fused = True
+        if version == 1:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.qkv = nn.Linear(dim, dim * 3, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+            self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    # ----- derived tensors -------------------------------------------------------------
+    def _cached(self, key: tuple, build):
+        if not _caching_allowed():
+            return build()
+        value = self._cache.get(key)
+        if value is None:
+            if len(self._cache) >= _MAX_CACHE_ENTRIES:
+                self._cache.pop(next(iter(self._cache)))
+            value = self._cache[key] = build()
+        return value
+
+    def _bias_parameters(self) -> list[nn.Parameter]:
+        return [self.relative_position_bias_table] if self.version == 1 else list(self.cpb_mlp.parameters())
+
+    def position_bias(self, window: tuple[int, int]) -> torch.Tensor:
+        """(heads, N, N) relative position bias of a window (N = wh * ww), float32."""
+        device = self.proj.weight.device
+        M = self.window_size
+        if self.version == 1:
+            index = self._cached(("index", window, device), lambda: relative_position_index(window, (M, M), device))
+            table = self.relative_position_bias_table
+        else:
+            index = self._cached(("index", window, device), lambda: relative_position_index(window, None, device))
+            pretrained = (self.pretrained_window_size,) * 2
+            coords = self._cached(("coords", window, device), lambda: log_spaced_coords(window, pretrained, device))
+            table = 16 * torch.sigmoid(self.cpb_mlp(coords))  # ((2wh-1)(2ww-1), heads)
+        N = window[0] * window[1]
+        return table[index.reshape(-1)].reshape(N, N, -1).permute(2, 0, 1).float()  # (heads, N, N)
+
+    def shift_mask(self, geometry: WindowGeometry, padded: tuple[int, int]) -> torch.Tensor | None:
+        """(nW, N, N) additive shift mask for a padded map, or None."""
+        device = self.proj.weight.device
+        key = ("mask", padded, geometry.window, geometry.shift, device)
+        return self._cached(key, lambda: shift_mask(*padded, geometry.window, geometry.shift, device))
+
+    def attention_bias(self, geometry: WindowGeometry, padded: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Additive bias (1 or nW, heads, N, N): position bias plus shift mask, in `dtype`."""
+        def build() -> torch.Tensor:
+            bias = self.position_bias(geometry.window)[None]
+            mask = self.shift_mask(geometry, padded)
+            if mask is not None:
+                bias = bias + mask[:, None]
+            return bias.to(dtype)
+
+        params = self._bias_parameters()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()  # training: the bias is part of the graph
+        versions = tuple((p.data_ptr(), p._version) for p in params)
+        key = ("bias", padded, geometry, dtype, self.proj.weight.device, versions, torch.is_inference_mode_enabled())
+        return self._cached(key, build)
+
+    # ----- attention -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry, padded: tuple[int, int], return_attn: bool = False):
+        """x: (B, nW, N, C) windows of a padded map cut by `geometry`.
+
+        Returns (B, nW, N, C), and with `return_attn` also the attention (B, nW, heads, N, N),
+        which only the exact path computes.
+        """
+        B, nW, N, C = x.shape
+        heads, D = self.num_heads, self.head_dim
+        qkv_bias = self.qkv.bias
+        if self.version == 2 and self.q_bias is not None:
+            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        q, k, v = qkv.view(B, nW, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5).unbind(0)  # 3 x (B, nW, heads, N, D)
+        if self.version == 2:
+            tau = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
+            q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
+        else:
+            scale = D ** -0.5
+        bias = self.attention_bias(geometry, padded, q.dtype)
+        drop = self.attn_drop if self.training else 0.0
+
+        attn = None
+        if self.fused and not return_attn:
+            if bias.shape[0] == 1:  # one bias for every window: fold windows into the batch
+                shape, mask = (B * nW, heads, N, D), bias[0]
+            else:  # a bias per window: fold windows into the heads
+                shape, mask = (B, nW * heads, N, D), bias.reshape(nW * heads, N, N)
+            out = F.scaled_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                                 attn_mask=mask, dropout_p=drop, scale=scale)
+            out = out.view(B, nW, heads, N, D)
+        else:
+            attn = torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1)  # (B, nW, heads, N, N)
+            out = F.dropout(attn, drop, self.training) @ v
+        out = out.transpose(2, 3).reshape(B, nW, N, C)
+        out = self.proj_drop(self.proj(out))
+        return (out, attn) if return_attn else out
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.num_heads}, window={self.window_size}, v{self.version}, "
+                f"pretrained_window={self.pretrained_window_size}, fused={self.fused}")
