@@ -1,0 +1,301 @@
+"""Reading, converting and writing checkpoints: load_checkpoint, export_state_dict, save_model, load_model."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import layouts
+from .config import SwinConfig
+from .model import SwinTransformer
+from .position import resize_bias_table, table_window
+
+IMAGENET_22K_CLASSES = 21841
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+
+
+@dataclass
+class LoadReport:
+    """What `load_checkpoint` did."""
+
+    layout: str
+    loaded: int = 0
+    ignored_buffers: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    head: str = "loaded"
+    small_map: str | None = None
+
+    def __str__(self) -> str:
+        lines = [f"layout {self.layout}: {self.loaded} tensors loaded", f"head: {self.head}"]
+        if self.resized:
+            lines.append("resized: " + ", ".join(self.resized))
+        if self.ignored_buffers:
+            lines.append(f"ignored {len(self.ignored_buffers)} derived buffers (index, mask, coordinates)")
+        if self.small_map:
+            lines.append(f"small_map set to {self.small_map!r} (the source's rule for maps smaller than a window)")
+        return "\n".join(lines)
+
+
+# ----- reading ----------------------------------------------------------------------------------
+def read_state_dict(source) -> tuple[dict[str, torch.Tensor], bool]:
+    """A flat {name: tensor} dict from a path or a (possibly wrapped) dict, and whether it was wrapped.
+
+    Files are read as safetensors or with torch.load(weights_only=True): only tensors and
+    plain containers are unpickled, never code.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = _read_file(Path(source))
+    if not isinstance(source, Mapping):
+        raise CheckpointError(f"expected a state dict or a checkpoint path, got {type(source).__name__}")
+    wrapped = False
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(source.get(wrapper), Mapping):
+            source, wrapped = source[wrapper], True
+            break
+    state = {k.removeprefix("module."): v for k, v in source.items()}
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad or not state:
+        raise CheckpointError("not a model state dict: " + (f"entries {bad[:5]} are not tensors" if bad else "it is empty"))
+    return state, wrapped
+
+
+def _read_file(path: Path) -> Mapping:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path) or head[:2] == b"\x80\x02" or path.suffix in (".pth", ".pt", ".pth.tar", ".ckpt"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path} holds Python objects besides tensors and was not unpickled, since "
+                                  f"that could run code ({str(e).splitlines()[0]}). Re-save just the state dict.") from e
+        except Exception as e:
+            if zipfile.is_zipfile(path) or path.suffix != ".bin":
+                raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is neither a PyTorch checkpoint nor a safetensors file ({e})") from e
+
+
+# ----- loading into a model ------------------------------------------------------------------------
+def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> LoadReport:
+    """Load weights of any known layout into `model`, strictly; returns a report.
+
+    `source`: a path (.pth, .pt, .bin, .safetensors) or a state dict, optionally wrapped as
+    {"model": ...}. `layout`: "auto" or one of swinx.layouts.LAYOUTS. Bias tables are resized
+    to the model's window, a head of another class count is replaced by the model's own
+    (a 21841-class ImageNet-22k head is remapped to ImageNet-1k), and every other mismatch
+    (missing, unexpected or misshapen keys) raises CheckpointError naming them.
+    """
+    state, wrapped = read_state_dict(source)
+    if layout == "auto":
+        try:
+            layout = layouts.detect_layout(state, wrapped)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    elif layout not in layouts.LAYOUTS:
+        raise CheckpointError(f"unknown layout {layout!r}; choose 'auto' or one of {layouts.LAYOUTS}")
+    if layout.startswith("hf"):
+        state = layouts.strip_hf_prefix_free(state, model.config)
+    report = LoadReport(layout)
+    if (why := layouts.unsupported(layout, model.config)) is not None:
+        raise CheckpointError(f"cannot load a {layout} checkpoint into this model: {why}")
+
+    ours = model.state_dict()
+    converted, used, missing, mismatched = {}, set(), [], []
+    for key, target in ours.items():
+        pieces = layouts.peer_pieces(layout, key, model.config)
+        absent = [p.key for p in pieces if p.key not in state]
+        if absent:
+            missing += absent
+            continue
+        parts = [state[p.key].chunk(p.parts, 0)[p.part] if p.parts > 1 else state[p.key] for p in pieces]
+        used.update(p.key for p in pieces)
+        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        converted[key] = _fit(key, tensor, target, model, report, mismatched)
+
+    unexpected = []
+    for key in state.keys() - used:
+        if key.rsplit(".", 1)[-1] in layouts.DERIVED_BUFFERS:
+            report.ignored_buffers.append(key)
+        elif model.num_classes == 0 and _is_head(key, layout):
+            report.head = "source head dropped (the model has no classifier)"
+        else:
+            unexpected.append(key)
+    if missing and all(_is_head(k, layout) for k in missing):  # a backbone-only checkpoint
+        report.head = "kept the model's own: the checkpoint has no classifier"
+        missing = []
+    if missing or unexpected or mismatched:
+        raise CheckpointError(_mismatch_message(layout, missing, unexpected, mismatched, state))
+
+    model.load_state_dict({**ours, **converted}, strict=True)
+    for block in model.blocks():
+        block.attn._cache.clear()
+    if layout == "torchvision" and model.small_map != "pad":
+        model.small_map = report.small_map = "pad"
+    report.loaded = len(converted)
+    return report
+
+
+def _is_head(key: str, layout: str) -> bool:
+    return key.startswith(("head.", "classifier."))
+
+
+def _fit(key: str, tensor: torch.Tensor, target: torch.Tensor, model: SwinTransformer, report: LoadReport,
+         mismatched: list) -> torch.Tensor:
+    """Adapt a source tensor to our parameter's shape where that has a meaning, else record the mismatch."""
+    if tensor.shape == target.shape:
+        return tensor
+    if key.endswith("relative_position_bias_table") and tensor.shape[1] == target.shape[1]:
+        try:
+            old, new = table_window(tensor.shape[0]), table_window(target.shape[0])
+        except ValueError:
+            pass
+        else:
+            report.resized.append(f"{key} window {old} -> {new}")
+            return resize_bias_table(tensor, (old, old), (new, new))
+    if key.startswith("head.") and tensor.shape[1:] == target.shape[1:]:
+        rows = tensor.shape[0]
+        if rows == IMAGENET_22K_CLASSES and target.shape[0] == 1000:
+            report.head = "ImageNet-22k head remapped to ImageNet-1k"
+            return tensor[imagenet_22k_to_1k()]
+        report.head = f"replaced: the source has {rows} classes, the model {target.shape[0]}; new head initialised"
+        return target
+    if key == "absolute_pos_embed" and tensor.shape[-1] == target.shape[-1]:
+        report.resized.append("absolute_pos_embed")
+        return _resize_pos_embed(tensor, model.grid_size)
+    mismatched.append((key, tuple(tensor.shape), tuple(target.shape)))
+    return target
+
+
+def _resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    side = int(pos.shape[1] ** 0.5)
+    if side * side != pos.shape[1]:
+        raise CheckpointError(f"absolute_pos_embed with {pos.shape[1]} positions is not a square grid")
+    pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    pos = torch.nn.functional.interpolate(pos.float(), size=grid, mode="bicubic", align_corners=False)
+    return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+
+
+def imagenet_22k_to_1k() -> torch.Tensor:
+    """For each ImageNet-1k class, its row in the 21841-class ImageNet-22k head (1000 indices)."""
+    text = resources.files("swinx").joinpath("data/map22kto1k.txt").read_text()
+    return torch.tensor([int(line) for line in text.split()])
+
+
+def _mismatch_message(layout, missing, unexpected, mismatched, state) -> str:
+    def listing(items):
+        shown = ", ".join(str(i) for i in sorted(items)[:8])
+        return shown + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+    lines = [f"the {layout} checkpoint does not fit this model:"]
+    if mismatched:
+        lines.append("  shapes differ (key, checkpoint, model): " + listing(mismatched))
+    if missing:
+        lines.append("  missing from the checkpoint: " + listing(missing))
+    if unexpected:
+        lines.append("  not in the model: " + listing(unexpected))
+    lines.append("It is probably a checkpoint of another variant or layout: build the model it was made for "
+                 "(swinx.list_models()), or pass layout= explicitly.")
+    return "\n".join(lines)
+
+
+# ----- exporting -----------------------------------------------------------------------------------
+def export_state_dict(model: SwinTransformer, layout: str = "swinx") -> dict[str, torch.Tensor]:
+    """`model`'s weights under another layout's names, loadable strictly by that peer's own class."""
+    if layout not in layouts.LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {layouts.LAYOUTS}")
+    if (why := layouts.unsupported(layout, model.config)) is not None:
+        raise ValueError(f"cannot export to the {layout} layout: {why}")
+    out: dict[str, torch.Tensor] = {}
+    split: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in model.state_dict().items():
+        pieces = layouts.peer_pieces(layout, key, model.config)
+        if len(pieces) > 1:  # our fused tensor is several peer tensors
+            for piece, chunk in zip(pieces, tensor.chunk(len(pieces))):
+                out[piece.key] = chunk.clone()
+        elif pieces[0].parts > 1:  # our tensor is a part of one peer tensor
+            split.setdefault(pieces[0].key, {})[pieces[0].part] = tensor
+        else:
+            out[pieces[0].key] = tensor.clone()
+    for key, parts in split.items():
+        like = next(iter(parts.values()))
+        out[key] = torch.cat([parts.get(i, torch.zeros_like(like)) for i in range(3)])
+    out.update(layouts.derived_buffers(layout, model))
+    return out
+
+
+# ----- our own format ---------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_model(model: SwinTransformer, path: str | os.PathLike, class_names: list[str] | None = None,
+               extra_metadata: dict[str, str] | None = None) -> None:
+    """Write weights as safetensors with the config (and class names) in the metadata, atomically."""
+    class_names = class_names if class_names is not None else getattr(model, "class_names", None)
+    if class_names is not None and len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
+    metadata = {"format": "swinx", "config": json.dumps(model.config.to_dict())}
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
+    metadata.update(extra_metadata or {})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file written by swinx.save_model ({e})") from e
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SwinTransformer:
+    """Rebuild a model saved by `save_model` without being told its variant; sets `model.class_names`."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    metadata = read_metadata(path)
+    if metadata.get("format") != "swinx" or "config" not in metadata:
+        raise CheckpointError(f"{path} has no swinx config in its metadata; build the model with "
+                              "swinx.create_model(...) and use swinx.load_checkpoint(model, path)")
+    model = SwinTransformer(SwinConfig.from_dict(json.loads(metadata["config"])))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    model.class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    return model.to(map_location)

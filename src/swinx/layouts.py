@@ -1,0 +1,186 @@
+"""Checkpoint layouts of the peers: one key rule per layout, in one place.
+
+Each layout is a function from one of our parameter names to the peer's name(s) for
+it. Most are one-to-one renames; the rest are pieces: our fused `qkv` is three peer
+tensors in Hugging Face, and torchvision's V2 `qkv.bias` holds our `q_bias` and
+`v_bias` as its first and last thirds. The same rule serves loading (gather pieces,
+concatenate) and exporting (split), so the two directions cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, NamedTuple
+
+import torch
+
+from .config import SwinConfig
+from .position import log_spaced_coords, relative_position_index
+from .windows import shift_mask, window_geometry
+
+LAYOUTS = ("swinx", "official", "timm", "torchvision", "hf", "hf-hub")
+
+# Buffers that some peers save although they follow from the config; ignored on load.
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+
+class Piece(NamedTuple):
+    """Our tensor (or a part of it) lives in peer tensor `key`, as chunk `part` of `parts` along dim 0."""
+
+    key: str
+    part: int = 0
+    parts: int = 1
+
+
+Rule = Callable[[str, SwinConfig], list[Piece]]
+
+_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)")
+_MERGE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
+
+
+def _official(key: str, config: SwinConfig) -> list[Piece]:
+    return [Piece(key)]
+
+
+def _timm(key: str, config: SwinConfig) -> list[Piece]:
+    # timm >= 0.9 runs patch merging at the start of the next stage.
+    if m := _MERGE.fullmatch(key):
+        return [Piece(f"layers.{int(m[1]) + 1}.downsample.{m[2]}")]
+    return [Piece("head.fc." + key[5:] if key.startswith("head.") else key)]
+
+
+def _torchvision(key: str, config: SwinConfig) -> list[Piece]:
+    if key.startswith("patch_embed."):
+        return [Piece(key.replace("patch_embed.proj.", "features.0.0.").replace("patch_embed.norm.", "features.0.2."))]
+    if m := _MERGE.fullmatch(key):
+        return [Piece(f"features.{2 * int(m[1]) + 2}.{m[2]}")]
+    if m := _BLOCK.fullmatch(key):
+        prefix, name = f"features.{2 * int(m[1]) + 1}.{m[2]}.", m[3]
+        if name in ("attn.q_bias", "attn.v_bias"):  # one qkv bias whose key third is always zero
+            return [Piece(prefix + "attn.qkv.bias", 0 if name == "attn.q_bias" else 2, 3)]
+        return [Piece(prefix + name.replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.3."))]
+    return [Piece(key)]
+
+
+def _hf_rule(projections: tuple[str, str, str, str], table: str, mlp: tuple[str, str]) -> Rule:
+    """Hugging Face names; `projections` are the q, k, v and output projections within a block."""
+    q, k, v, out = projections
+
+    def rule(key: str, config: SwinConfig) -> list[Piece]:
+        base = "swin." if config.version == 1 else "swinv2."
+        if key.startswith("head."):
+            return [Piece("classifier." + key[5:])]
+        if key.startswith("patch_embed."):
+            return [Piece(base + key.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection.")
+                          .replace("patch_embed.norm.", "embeddings.norm."))]
+        if key.startswith("norm."):
+            return [Piece(base + "layernorm." + key[5:])]
+        if m := _BLOCK.fullmatch(key):
+            prefix, name = f"{base}encoder.layers.{m[1]}.blocks.{m[2]}.", m[3]
+            param = name.rsplit(".", 1)[-1]
+            renames = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "mlp.fc1.": mlp[0] + ".",
+                       "mlp.fc2.": mlp[1] + ".", "attn.proj.": out + ".",
+                       "attn.relative_position_bias_table": table,
+                       "attn.logit_scale": "attention.self.logit_scale",
+                       "attn.cpb_mlp.": "attention.self.continuous_position_bias_mlp.",
+                       "attn.q_bias": q + ".bias", "attn.v_bias": v + ".bias"}
+            if name.startswith("attn.qkv."):
+                return [Piece(f"{prefix}{p}.{param}") for p in (q, k, v)]
+            for ours, theirs in renames.items():
+                if name.startswith(ours):
+                    return [Piece(prefix + theirs + name[len(ours):])]
+            return [Piece(prefix + name)]
+        return [Piece(base + "encoder." + key)]  # layers.i.downsample.*
+
+    return rule
+
+
+_HF_HUB = _hf_rule(("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+                   "attention.self.relative_position_bias_table", ("intermediate.dense", "output.dense"))
+_HF_V1 = _hf_rule(("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
+                  "attention.relative_position_bias.relative_position_bias_table", ("mlp.fc1", "mlp.fc2"))
+
+
+def _hf(key: str, config: SwinConfig) -> list[Piece]:
+    # Installed transformers (v5) renamed V1's attention; its V2 keeps the hub names.
+    return (_HF_V1 if config.version == 1 else _HF_HUB)(key, config)
+
+
+RULES: dict[str, Rule] = {"swinx": _official, "official": _official, "timm": _timm, "torchvision": _torchvision,
+                          "hf": _hf, "hf-hub": _HF_HUB}
+
+
+def peer_pieces(layout: str, key: str, config: SwinConfig) -> list[Piece]:
+    if layout not in RULES:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
+    return RULES[layout](key, config)
+
+
+def unsupported(layout: str, config: SwinConfig) -> str | None:
+    """Why `layout` cannot hold a model of `config`, or None."""
+    if config.ape and layout in ("timm", "torchvision", "hf", "hf-hub"):
+        return f"the {layout} layout has no absolute position embedding (ape=True)"
+    if layout == "torchvision" and any(config.pretrained_window_sizes):
+        return "torchvision's V2 has no pretrained_window_sizes"
+    if layout in ("hf", "hf-hub") and not config.qkv_bias:
+        return "Hugging Face's Swin always has q/v biases (qkv_bias=False)"
+    return None
+
+
+def detect_layout(state_dict: dict[str, torch.Tensor], wrapped: bool = False) -> str:
+    """Name the layout of a state dict from its keys. `wrapped`: it came inside {"model": ...} (official)."""
+    keys = list(state_dict)
+    has = lambda fragment: any(fragment in k for k in keys)  # noqa: E731
+    if has("features.0.0.weight"):
+        return "torchvision"
+    if has("embeddings.patch_embeddings.projection"):
+        # Installed transformers renamed only V1's keys; V2 keeps the hub names, which "hf" means for it.
+        old_v1 = has("attention.self.query") and not has("continuous_position_bias_mlp")
+        return "hf-hub" if old_v1 else "hf"
+    if has("head.fc.") or (has("layers.1.downsample.") and not has("layers.0.downsample.")):
+        return "timm"
+    if "patch_embed.proj.weight" in state_dict:
+        return "official" if wrapped or has("relative_position_index") else "swinx"
+    raise ValueError("unrecognised checkpoint layout: no patch embedding key of any known layout "
+                     f"(first keys: {keys[:5]}); pass layout= one of {LAYOUTS}")
+
+
+def strip_hf_prefix_free(state_dict: dict[str, torch.Tensor], config: SwinConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face base models (SwinModel, Swinv2Model) save without the `swin.` / `swinv2.` prefix: add it."""
+    if not any(k.startswith("embeddings.") for k in state_dict):
+        return state_dict
+    base = "swin." if config.version == 1 else "swinv2."
+    return {(k if k.startswith("classifier.") else base + k): v for k, v in state_dict.items()}
+
+
+def derived_buffers(layout: str, model) -> dict[str, torch.Tensor]:
+    """Buffers the official code and torchvision persist in their state dicts, rebuilt for `model`'s config.
+
+    The official model fixes each block's geometry at its training resolution (img_size);
+    torchvision saves the flattened index and, for V2, the coordinate table.
+    """
+    config, out = model.config, {}
+    if layout not in ("official", "torchvision"):
+        return out
+    grid = model.grid_size
+    for i, stage in enumerate(model.layers):
+        res = (-(-grid[0] // 2 ** i), -(-grid[1] // 2 ** i))
+        for j, block in enumerate(stage.blocks):
+            attn = block.attn
+            if layout == "official":
+                prefix = f"layers.{i}.blocks.{j}."
+                g = window_geometry(*res, config.window_size, block.shift_size, "clamp")
+            else:
+                prefix = f"features.{2 * i + 1}.{j}."
+                g = window_geometry(config.window_size, config.window_size, config.window_size, 0, "pad")
+            window = g.window
+            index = relative_position_index(window)
+            out[prefix + "attn.relative_position_index"] = index.flatten() if layout == "torchvision" else index
+            if config.version == 2:
+                pretrained = (attn.pretrained_window_size,) * 2
+                table = log_spaced_coords(window, pretrained if layout == "official" else (0, 0))
+                out[prefix + "attn.relative_coords_table"] = table.reshape(1, 2 * window[0] - 1, 2 * window[1] - 1, 2)
+            if layout == "official" and g.has_shift:
+                padded = (res[0] + g.pad[0], res[1] + g.pad[1])
+                out[prefix + "attn_mask"] = shift_mask(*padded, window, g.shift)
+    return out
