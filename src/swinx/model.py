@@ -157,7 +157,7 @@ class SwinTransformer(nn.Module):
         else:
             self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(c.drop_rate)
-        rates = torch.linspace(0, c.drop_path_rate, sum(c.depths)).tolist()
+        rates = torch.linspace(0, c.drop_path_rate, sum(c.depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, depth in enumerate(c.depths):
             start = sum(c.depths[:i])

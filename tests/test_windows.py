@@ -1,0 +1,88 @@
+"""Window geometry and position bias as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swinx.position import log_spaced_coords, relative_position_index, resize_bias_table, table_window
+from swinx.windows import (MASK_FILL, cyclic_shift, pad_map, region_labels, shift_mask, window_geometry,
+                           window_partition, window_reverse)
+
+
+@pytest.mark.parametrize("window", [(7, 7), (4, 6)])
+def test_partition_then_reverse_is_identity(window):
+    x = torch.randn(2, 28, 42, 5)
+    windows = window_partition(x, window)
+    assert windows.shape == (2, (28 // window[0]) * (42 // window[1]), window[0] * window[1], 5)
+    assert torch.equal(windows[0, 0].reshape(*window, 5), x[0, :window[0], :window[1]])  # first window, row-major
+    assert torch.equal(windows[0, 1].reshape(*window, 5), x[0, :window[0], window[1]:2 * window[1]])
+    assert torch.equal(window_reverse(windows, window, 28, 42), x)
+
+
+def test_cyclic_shift_reverses_and_pad_is_bottom_right():
+    x = torch.randn(1, 9, 11, 2)
+    shifted = cyclic_shift(x, (3, 2))
+    assert torch.equal(shifted[0, 0, 0], x[0, 3, 2])
+    assert torch.equal(cyclic_shift(shifted, (3, 2), reverse=True), x)
+    padded = pad_map(x, (5, 3))
+    assert padded.shape == (1, 14, 14, 2) and torch.equal(padded[:, :9, :11], x) and padded[:, 9:].abs().sum() == 0
+
+
+def test_nine_regions_and_mask():
+    labels = region_labels(14, 14, (7, 7), (3, 3))
+    assert labels.unique().tolist() == list(range(9))
+    assert labels[0, 0] == 0 and labels[13, 13] == 8 and labels[8, 0] == 3 and labels[12, 0] == 6
+    mask = shift_mask(14, 14, (7, 7), (3, 3))
+    assert mask.shape == (4, 49, 49)
+    assert torch.all(mask[0] == 0)  # the top-left window holds one region only
+    assert set(mask.unique().tolist()) == {0.0, MASK_FILL}
+    last = mask[3]  # bottom-right window: four regions of 4x4, 4x3, 3x4, 3x3 tokens
+    assert (last == 0).sum() == 16 * 16 + 12 * 12 + 12 * 12 + 9 * 9
+    assert shift_mask(14, 14, (7, 7), (0, 0)) is None
+    one_axis = region_labels(7, 14, (7, 7), (0, 3))  # torchvision's per-axis shift
+    assert one_axis[:, 0].unique().tolist() == [0] and one_axis[0].unique().tolist() == [0, 1, 2]
+
+
+def test_geometry_rules():
+    # clamp (official / timm / HF): a map that fits one window gets a window of its side, no shift
+    assert window_geometry(56, 56, 7, 3) == ((7, 7), (3, 3), (0, 0))
+    assert window_geometry(13, 20, 7, 3) == ((7, 7), (3, 3), (1, 1))
+    assert window_geometry(7, 10, 7, 3) == ((7, 7), (0, 0), (0, 4))
+    assert window_geometry(4, 6, 7, 3) == ((4, 4), (0, 0), (0, 2))
+    # pad (torchvision): window kept, map padded, shift off per axis the window covers
+    assert window_geometry(7, 10, 7, 3, "pad") == ((7, 7), (0, 3), (0, 4))
+    assert window_geometry(4, 6, 7, 3, "pad") == ((7, 7), (0, 0), (3, 1))
+    with pytest.raises(ValueError, match="small_map"):
+        window_geometry(7, 7, 7, 3, "shrink")
+
+
+def test_relative_position_index():
+    index = relative_position_index((7, 7))
+    assert index.shape == (49, 49) and index.min() == 0 and index.max() == 13 * 13 - 1
+    assert torch.all(index.diagonal() == 6 * 13 + 6)  # zero offset is the table's centre
+    assert index[0, 48] == 0 and index[48, 0] == 168  # token 0 vs token 48: offset (-6, -6); reversed (6, 6)
+    small = relative_position_index((3, 3), table_window=(7, 7))  # a clamped window reads the same offsets
+    assert torch.all(small.diagonal() == 6 * 13 + 6) and small.max() == (6 + 2) * 13 + 6 + 2
+
+
+def test_log_spaced_coords():
+    coords = log_spaced_coords((8, 8))
+    assert coords.shape == (15 * 15, 2)
+    log9 = torch.log2(torch.tensor(9.0)) / 3  # |offset| = window - 1 normalises to 1, then log2(8 + 1) / log2(8)
+    assert torch.allclose(coords.abs().max(), log9)
+    assert torch.allclose(coords[0], -log9.expand(2))
+    pretrained = log_spaced_coords((16, 16), (8, 8))  # fine-tuned at a larger window: wider range
+    assert pretrained.abs().max() > coords.abs().max()
+
+
+def test_resize_bias_table():
+    table = torch.randn(13 * 13, 3)
+    assert resize_bias_table(table, (7, 7), (7, 7)) is table
+    resized = resize_bias_table(table, (7, 7), (12, 12))
+    assert resized.shape == (23 * 23, 3)
+    constant = torch.full((13 * 13, 2), 0.5)
+    assert torch.allclose(resize_bias_table(constant, (7, 7), (12, 12)), torch.full((23 * 23, 2), 0.5))
+    assert table_window(23 * 23) == 12
+    with pytest.raises(ValueError):
+        table_window(100)
