@@ -121,6 +121,12 @@ def test_cached_bias_follows_parameter_updates():
     assert max_diff(before, after) > 1e-3 and max_diff(after, expected) < 1e-6
 
 
+def test_model_built_under_inference_mode():
+    with torch.inference_mode():
+        model = swinx.create_model("swin_t", **SMALL).eval()
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
 def test_masks_are_built_once_per_size(monkeypatch):
     calls = []
     real = swinx.attention.shift_mask

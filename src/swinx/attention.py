@@ -102,6 +102,8 @@ class WindowAttention(nn.Module):
         params = self._bias_parameters()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return build()  # training: the bias is part of the graph
+        if any(p.is_inference() for p in params):
+            return build()  # inference tensors have no version counter to tell us they changed
         versions = tuple((p.data_ptr(), p._version) for p in params)
         key = ("bias", padded, geometry, dtype, self.proj.weight.device, versions, torch.is_inference_mode_enabled())
         return self._cached(key, build)

@@ -1,0 +1,5 @@
+import sys
+
+from swinx.cli import main
+
+sys.exit(main())
