@@ -142,7 +142,7 @@ def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> Loa
         report.head = "kept the model's own: the checkpoint has no classifier"
         missing = []
     if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_message(layout, missing, unexpected, mismatched, state))
+        raise CheckpointError(_mismatch_message(layout, missing, unexpected, mismatched, state, model.config))
 
     model.load_state_dict({**ours, **converted}, strict=True)
     for block in model.blocks():
@@ -199,7 +199,12 @@ def imagenet_22k_to_1k() -> torch.Tensor:
     return torch.tensor([int(line) for line in text.split()])
 
 
-def _mismatch_message(layout, missing, unexpected, mismatched, state) -> str:
+def _describe(c: SwinConfig) -> str:
+    return (f"V{c.version}, embed_dim {c.embed_dim}, depths {c.depths}, num_heads {c.num_heads}, "
+            f"window {c.window_size}, {c.num_classes} classes")
+
+
+def _mismatch_message(layout, missing, unexpected, mismatched, state, config: SwinConfig) -> str:
     def listing(items):
         shown = ", ".join(str(i) for i in sorted(items)[:8])
         return shown + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
@@ -211,8 +216,12 @@ def _mismatch_message(layout, missing, unexpected, mismatched, state) -> str:
         lines.append("  missing from the checkpoint: " + listing(missing))
     if unexpected:
         lines.append("  not in the model: " + listing(unexpected))
-    lines.append("It is probably a checkpoint of another variant or layout: build the model it was made for "
-                 "(swinx.list_models()), or pass layout= explicitly.")
+    try:
+        found = f"The checkpoint looks like {_describe(layouts.infer_config(state, layout))}; the model is "
+    except (ValueError, KeyError, AttributeError, StopIteration):
+        found = "The model is "
+    lines.append(found + _describe(config) + ". Build the model the checkpoint was made for "
+                 "(swinx.list_models(), swinx.layouts.infer_config), or pass layout= explicitly.")
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 import swinx
-from swinx.checkpoint import CheckpointError, atomic_write, read_state_dict
+from swinx.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
+from swinx.layouts import detect_layout, infer_config
 
 
 def cmd_models(args) -> int:
@@ -25,22 +26,18 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _head_classes(state: dict[str, torch.Tensor]) -> int:
-    for key in ("head.weight", "head.fc.weight", "classifier.weight"):
-        if key in state:
-            return state[key].shape[0]
-    return 0
-
-
 def cmd_convert(args) -> int:
     source = Path(args.source)
-    if args.model is None:
+    state, wrapped = read_state_dict(source)
+    if args.model is None and source.suffix == ".safetensors" and "config" in read_metadata(source):
         model = swinx.load_model(source)
     else:
-        state, _ = read_state_dict(source)
-        model = swinx.create_model(args.model, num_classes=_head_classes(state))
-        report = swinx.load_checkpoint(model, state, layout=args.source_layout)
-        print(report, file=sys.stderr)
+        layout = detect_layout(state, wrapped) if args.source_layout == "auto" else args.source_layout
+        config = infer_config(state, layout)
+        if args.model is not None:
+            config = swinx.get_config(args.model, num_classes=config.num_classes)
+        model = swinx.SwinTransformer(config)
+        print(swinx.load_checkpoint(model, state, layout=layout), file=sys.stderr)
     out = Path(args.output)
     if args.to == "swinx" and out.suffix == ".safetensors":
         swinx.save_model(model, out)
@@ -95,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="checkpoint file (.pth, .pt, .bin, .safetensors) of any known layout")
     p.add_argument("output", help="output file; .safetensors or a torch file")
     p.add_argument("--to", required=True, choices=swinx.LAYOUTS, help="layout to write")
-    p.add_argument("--model", help="variant of the source (e.g. swin_t); not needed for files from swinx.save_model")
+    p.add_argument("--model", help="variant of the source (e.g. swin_t); by default read off the checkpoint's shapes")
     p.add_argument("--source-layout", default="auto", choices=("auto",) + swinx.LAYOUTS)
     p.set_defaults(run=cmd_convert)
 

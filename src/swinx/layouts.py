@@ -184,3 +184,41 @@ def derived_buffers(layout: str, model) -> dict[str, torch.Tensor]:
                 padded = (res[0] + g.pad[0], res[1] + g.pad[1])
                 out[prefix + "attn_mask"] = shift_mask(*padded, window, g.shift)
     return out
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], layout: str) -> SwinConfig:
+    """The architecture a state dict of `layout` was made for, read off its tensor shapes.
+
+    What the weights cannot tell is left at its default: the training resolution, V2's
+    pretrained window sizes, and V2's window when no coordinate buffer was saved.
+    """
+    from .position import table_window
+
+    version = 2 if any("logit_scale" in k for k in state_dict) else 1
+    probe = SwinConfig(version=1) if version == 1 else SwinConfig(version=2, window_size=8, img_size=256)
+    name = lambda key: peer_pieces(layout, key, probe)[0].key  # noqa: E731
+    get = lambda key: state_dict.get(name(key))  # noqa: E731
+    embed = get("patch_embed.proj.weight")
+    if embed is None:
+        raise ValueError(f"no patch embedding ({name('patch_embed.proj.weight')}) in this {layout} checkpoint")
+    depths, heads = [], []
+    while get(f"layers.{len(depths)}.blocks.0.norm1.weight") is not None:
+        i = len(depths)
+        depths.append(next(j for j in range(1000) if get(f"layers.{i}.blocks.{j}.norm1.weight") is None))
+        per_head = "attn.relative_position_bias_table" if version == 1 else "attn.logit_scale"
+        heads.append(get(f"layers.{i}.blocks.0.{per_head}").shape[1 if version == 1 else 0])
+    if version == 1:
+        window = table_window(get("layers.0.blocks.0.attn.relative_position_bias_table").shape[0])
+    else:
+        coords = get("layers.0.blocks.0.attn.relative_coords_table")
+        window = (coords.shape[1] + 1) // 2 if coords is not None else probe.window_size
+    head = get("head.weight")
+    fc1 = get("layers.0.blocks.0.mlp.fc1.weight")
+    bias_key = "attn.qkv.bias" if version == 1 else "attn.q_bias"
+    return SwinConfig(
+        version=version, patch_size=embed.shape[-1], in_chans=embed.shape[1], embed_dim=embed.shape[0],
+        depths=tuple(depths), num_heads=tuple(heads), window_size=window,
+        num_classes=head.shape[0] if head is not None else 0, mlp_ratio=fc1.shape[0] / embed.shape[0],
+        qkv_bias=get(f"layers.0.blocks.0.{bias_key}") is not None or layout == "torchvision",
+        ape="absolute_pos_embed" in state_dict, patch_norm=get("patch_embed.norm.weight") is not None,
+        img_size=probe.img_size)
