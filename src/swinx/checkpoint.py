@@ -73,6 +73,11 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], bool]:
     return state, wrapped
 
 
+def _refused_global(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+    return lines[0] if lines else str(error).splitlines()[0]
+
+
 def _read_file(path: Path) -> Mapping:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
@@ -82,8 +87,10 @@ def _read_file(path: Path) -> Mapping:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):  # garbage, not a refused class
+                raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
             raise CheckpointError(f"{path} holds Python objects besides tensors and was not unpickled, since "
-                                  f"that could run code ({str(e).splitlines()[0]}). Re-save just the state dict.") from e
+                                  f"that could run code ({_refused_global(e)}). Re-save just the state dict.") from e
         except Exception as e:
             if zipfile.is_zipfile(path) or path.suffix != ".bin":
                 raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
