@@ -66,8 +66,8 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], bool]:
         if isinstance(source.get(wrapper), Mapping):
             source, wrapped = source[wrapper], True
             break
-    state = {k.removeprefix("module."): v for k, v in source.items()}
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    state = {k.removeprefix("module."): v for k, v in source.items()} if not bad else {}
     if bad or not state:
         raise CheckpointError("not a model state dict: " + (f"entries {bad[:5]} are not tensors" if bad else "it is empty"))
     return state, wrapped
@@ -266,6 +266,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
