@@ -119,7 +119,7 @@ def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> Loa
     elif layout not in layouts.LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; choose 'auto' or one of {layouts.LAYOUTS}")
     if layout.startswith("hf"):
-        state = layouts.strip_hf_prefix_free(state, model.config)
+        state = layouts.add_hf_prefix(state, model.config)
     report = LoadReport(layout)
     if (why := layouts.unsupported(layout, model.config)) is not None:
         raise CheckpointError(f"cannot load a {layout} checkpoint into this model: {why}")
@@ -141,11 +141,11 @@ def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> Loa
     for key in state.keys() - used:
         if key.rsplit(".", 1)[-1] in layouts.DERIVED_BUFFERS:
             report.ignored_buffers.append(key)
-        elif model.num_classes == 0 and _is_head(key, layout):
+        elif model.num_classes == 0 and _is_head(key):
             report.head = "source head dropped (the model has no classifier)"
         else:
             unexpected.append(key)
-    if missing and all(_is_head(k, layout) for k in missing):  # a backbone-only checkpoint
+    if missing and all(_is_head(k) for k in missing):  # a backbone-only checkpoint
         report.head = "kept the model's own: the checkpoint has no classifier"
         missing = []
     if missing or unexpected or mismatched:
@@ -160,7 +160,7 @@ def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> Loa
     return report
 
 
-def _is_head(key: str, layout: str) -> bool:
+def _is_head(key: str) -> bool:
     return key.startswith(("head.", "classifier."))
 
 

@@ -145,7 +145,7 @@ def detect_layout(state_dict: dict[str, torch.Tensor], wrapped: bool = False) ->
                      f"(first keys: {keys[:5]}); pass layout= one of {LAYOUTS}")
 
 
-def strip_hf_prefix_free(state_dict: dict[str, torch.Tensor], config: SwinConfig) -> dict[str, torch.Tensor]:
+def add_hf_prefix(state_dict: dict[str, torch.Tensor], config: SwinConfig) -> dict[str, torch.Tensor]:
     """Hugging Face base models (SwinModel, Swinv2Model) save without the `swin.` / `swinv2.` prefix: add it."""
     if not any(k.startswith("embeddings.") for k in state_dict):
         return state_dict
