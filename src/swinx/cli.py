@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ import torch
 
 import swinx
 from swinx.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
+from swinx.data import DataError
 from swinx.layouts import detect_layout, infer_config
+from swinx.train import TrainError
 
 
 def cmd_models(args) -> int:
@@ -79,6 +82,121 @@ def cmd_demo(args) -> int:
     return 0
 
 
+TRAIN_HELP = {
+    "data": "ImageFolder root with train/<class>/ and val/<class>/ (default: the built-in MNIST 5k digits)",
+    "model": "variant or alias to build (swin_t, swinv2_t, ...)",
+    "model_args": "SwinConfig overrides as JSON, e.g. '{\"embed_dim\": 64, \"depths\": [2, 2]}'",
+    "init": "fine-tune from this checkpoint (any layout: official, timm, torchvision, HF, swinx)",
+    "lr": "peak learning rate for a global batch of 512; scaled linearly to the real global batch",
+    "min_lr": "final learning rate of the cosine schedule (for a global batch of 512)",
+    "warmup_lr": "learning rate at step 0 of the linear warm-up (for a global batch of 512)",
+    "batch_size": "images per process per micro-batch", "accum_steps": "micro-batches per optimizer step",
+    "clip_grad": "clip the global gradient norm to this (0: off)", "ema_decay": "EMA of the weights (0: off)",
+    "amp": "auto (bf16 where the device supports it), bf16, fp16 or off",
+    "auto_augment": "randaugment, trivialaugment or none", "crop_scale": "smallest area of RandomResizedCrop",
+    "reprob": "random erasing probability", "crop_pct": "evaluation centre-crop fraction",
+    "out": "run directory (default runs/<name>-<time>)", "workers": "data loader processes",
+    "progress": "progress bar: auto (on a terminal), on or off",
+    "max_bad_images": "stop when an epoch has more unreadable images than this (default: skip them all)",
+}
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; a flag left out keeps the preset, YAML or default value."""
+    import dataclasses
+    import json
+
+    from swinx.train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = TrainConfig.__dataclass_fields__[f.name]
+        value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+        help_text = TRAIN_HELP.get(f.name, "")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=float, nargs="+", default=None, help=help_text or "one value per channel")
+        elif isinstance(value, dict):
+            parser.add_argument(flag, type=json.loads, default=None, help=help_text)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            kind = float if isinstance(value, float) or f.name in ("clip_grad", "warmup_epochs") else int
+            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default {value})".strip())
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from swinx.train import TrainConfig, resolve_config, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ValueError(f"{args.resume} is not a swinx run directory (no config.yaml); give the --out "
+                             "directory of the run to resume")
+        config = resolve_config(str(saved), {"epochs": overrides["epochs"], "workers": overrides["workers"],
+                                             "progress": overrides["progress"], "device": overrides["device"]})
+    else:
+        config = resolve_config(args.config, overrides)
+    train(config, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from swinx.inference import eval_dataset, load_for_inference, plot_confusion
+    from swinx.train import data_loader, evaluate
+
+    loaded = load_for_inference(args.checkpoint, args.device)
+    dataset, where = eval_dataset(loaded, args.data)
+    loader = data_loader(dataset, args.batch_size, None, args.workers)
+    result = evaluate(loaded.model, loader, len(loaded.class_names), torch.device(args.device))
+    if result["count"] == 0:
+        raise ValueError(f"no readable images in {where}")
+    per_class = {name: acc for name, acc in zip(loaded.class_names, result["per_class"]) if acc == acc}
+    report = {"checkpoint": str(loaded.path), "data": where, "images": result["count"],
+              "skipped_images": result["skipped"], "loss": result["loss"], "acc1": result["acc1"],
+              "acc5": result["acc5"], "per_class_acc1": per_class}
+    out = Path(args.confusion) if args.confusion else None
+    if out is None and len(loaded.class_names) <= 50:
+        out = loaded.path.parent / f"confusion-{loaded.path.stem}.png"
+    if out is not None:
+        plot_confusion(result["confusion"], loaded.class_names, out)
+        report["confusion_png"] = str(out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['images']:,} images from {where}  (skipped {report['skipped_images']} unreadable)")
+    print(f"top-1 {report['acc1']:.2f}%  top-5 {report['acc5']:.2f}%  loss {report['loss']:.4f}")
+    width = max(len(n) for n in per_class) if per_class else 5
+    for name, acc in per_class.items():
+        print(f"  {name:{width}s}  {acc:6.2f}%")
+    if out is not None:
+        print(f"confusion matrix: {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from swinx.inference import load_for_inference, predict
+
+    loaded = load_for_inference(args.checkpoint, args.device)
+    results = predict(loaded, args.images, topk=args.topk)
+    failed = sum("error" in r for r in results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['image']}: error: {r['error']}", file=sys.stderr)
+                continue
+            print(f"{r['image']}:")
+            for t in r["top"]:
+                print(f"  {t['probability'] * 100:6.2f}%  {t['class']}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinx", description="Swin Transformer V1/V2 tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-layout", default="auto", choices=("auto",) + swinx.LAYOUTS)
     p.set_defaults(run=cmd_convert)
 
+    p = sub.add_parser("train", help="train or fine-tune (default: a small Swin on the built-in MNIST digits)")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    add_train_flags(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and a confusion matrix")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--data", help="ImageFolder root (its val/ split) or a folder of class folders; "
+                                  "default: the data the checkpoint was trained on")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--confusion", help="where to write the confusion-matrix PNG "
+                                       "(default: beside the checkpoint, for up to 50 classes)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of image files")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, ...; any size and mode)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_predict)
+
     p = sub.add_parser("demo", help="smoke demo: any input size, every checkpoint layout")
     p.add_argument("--model", default="swin_t")
     p.set_defaults(run=cmd_demo)
@@ -106,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError, PermissionError) as e:
+    except (CheckpointError, DataError, TrainError, ValueError, TypeError, OSError) as e:
         print(f"swinx {args.command}: error: {e}", file=sys.stderr)
         return 2
 

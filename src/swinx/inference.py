@@ -1,0 +1,159 @@
+"""Evaluate and predict with a trained checkpoint: the back end of `swinx eval` and `swinx predict`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata, read_state_dict
+from .layouts import detect_layout, infer_config
+from .model import SwinTransformer
+
+
+@dataclass
+class Loaded:
+    """A model ready to run, with what it needs to preprocess images the way validation did."""
+
+    model: SwinTransformer
+    class_names: list[str]
+    input: dict
+    train_config: dict | None
+    path: Path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A file, or a run directory (its best.safetensors, else last.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} is a directory without best.safetensors or last.safetensors; "
+                              "give a checkpoint file or a swinx run directory")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> Loaded:
+    """Load our safetensors (config, classes, input spec in the metadata) or any peer layout."""
+    path = resolve_checkpoint(path)
+    metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+    if metadata.get("format") == "swinx":
+        model = load_model(path)
+        spec = json.loads(metadata["input"]) if "input" in metadata else None
+        train_config = json.loads(metadata["train_config"]) if "train_config" in metadata else None
+    else:
+        state, wrapped = read_state_dict(path)
+        layout = detect_layout(state, wrapped)
+        model = SwinTransformer(infer_config(state, layout))
+        load_checkpoint(model, state, layout=layout)
+        model.class_names, spec, train_config = None, None, None
+    config = model.config
+    if spec is None:
+        spec = {"img_size": config.img_hw[0], "channels": config.in_chans,
+                "mean": list(D.IMAGENET_MEAN if config.in_chans == 3 else D.MNIST_MEAN * config.in_chans),
+                "std": list(D.IMAGENET_STD if config.in_chans == 3 else D.MNIST_STD * config.in_chans),
+                "crop_pct": 0.875, "interpolation": "bicubic"}
+    names = model.class_names or [f"class {i}" for i in range(model.num_classes)]
+    return Loaded(model.to(device).eval(), list(names), spec, train_config, path)
+
+
+def transform_for(loaded: Loaded):
+    s = loaded.input
+    return D.eval_transform(s["img_size"], s["mean"], s["std"], crop_pct=s["crop_pct"],
+                            interpolation=s["interpolation"])
+
+
+@torch.inference_mode()
+def predict(loaded: Loaded, images: list[str | os.PathLike], topk: int = 5, batch_size: int = 32) -> list[dict]:
+    """Top-k classes for each image file; an unreadable file gets an `error` entry instead."""
+    transform = transform_for(loaded)
+    device = next(loaded.model.parameters()).device
+    k = min(topk, len(loaded.class_names))
+    results: list[dict] = []
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush():
+        if not pending:
+            return
+        batch = torch.stack([t for _, t in pending]).to(device)
+        probs = loaded.model(batch).float().softmax(-1)
+        values, indices = probs.topk(k, dim=-1)
+        for (slot, _), v, ix in zip(pending, values.tolist(), indices.tolist()):
+            results[slot]["top"] = [{"class": loaded.class_names[i], "index": i, "probability": p}
+                                    for p, i in zip(v, ix)]
+        pending.clear()
+
+    for path in images:
+        results.append({"image": str(path)})
+        try:
+            image = D.open_image(path, loaded.input["channels"])
+        except FileNotFoundError:
+            results[-1]["error"] = "file does not exist"
+            continue
+        except D._read_errors() as e:
+            results[-1]["error"] = f"cannot decode image ({type(e).__name__}: {e})"
+            continue
+        pending.append((len(results) - 1, transform(image)))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return results
+
+
+def eval_dataset(loaded: Loaded, data: str | os.PathLike | None):
+    """The images `swinx eval` scores: an ImageFolder split, or the run's own validation data."""
+    if data is None:
+        config = loaded.train_config or {}
+        if config.get("data"):
+            data = config["data"]
+        elif loaded.train_config is not None:
+            _, val, _ = D.mnist5k()
+            val.transform = transform_for(loaded)
+            return val, "the built-in MNIST held-out split (1,000 digits)"
+        else:
+            raise D.DataError("this checkpoint does not say what it was trained on; pass --data DIR")
+    root = D.eval_folder(data)
+    classes = D.scan_classes(root)
+    known = {name: i for i, name in enumerate(loaded.class_names)}
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise D.DataError(f"{root} has class folders {unknown} that the model does not know; "
+                          f"its classes are {loaded.class_names[:20]}{' ...' if len(known) > 20 else ''}")
+    dataset = D.ImageFolder(root, loaded.class_names, loaded.input["channels"], transform_for(loaded))
+    return dataset, str(root)
+
+
+def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) -> None:
+    """Row-normalised confusion matrix (true class down, predicted across), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    n = len(class_names)
+    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
+    size = max(4.0, 0.35 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    shown = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    ax.set_xticklabels(class_names, rotation=90, fontsize=8)
+    ax.set_yticklabels(class_names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
