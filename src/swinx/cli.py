@@ -119,8 +119,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=float, nargs="+", default=None, help=help_text or "one value per channel")
         elif isinstance(value, dict):
             parser.add_argument(flag, type=json.loads, default=None, help=help_text)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            kind = float if isinstance(value, float) or f.name in ("clip_grad", "warmup_epochs") else int
+        elif str(f.type).startswith(("int", "float")):
+            kind = float if str(f.type).startswith("float") else int
             parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default {value})".strip())
         else:
             parser.add_argument(flag, default=None, help=help_text)

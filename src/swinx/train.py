@@ -631,7 +631,7 @@ def run_epoch(cfg, net, model, ema, loader, optimizer, schedule, scaler, mixer, 
         ddp.all_sum(t)
     if int(skipped) and ddp.main:
         where = f", e.g. {first_bad.path} ({first_bad.reason})" if first_bad is not None else ""
-        warnings.warn(f"epoch {epoch}: skipped {int(skipped)} unreadable image(s){where}", stacklevel=1)
+        print(f"warning: epoch {epoch}: skipped {int(skipped)} unreadable image(s){where}", file=sys.stderr)
     return float(loss_sum) / max(int(count), 1), int(count), int(skipped)
 
 
