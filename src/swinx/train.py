@@ -466,6 +466,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) 
 
     data = build_data(cfg)
     num_classes = len(data.classes)
+    seed_epoch(cfg.seed, 0, 0)      # the same initial weights on every rank
     model = build_model(cfg, num_classes)
     if cfg.init and state is None:
         try:
