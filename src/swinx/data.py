@@ -52,8 +52,8 @@ def open_image(path: str | os.PathLike, channels: int) -> Image.Image:
         return image.convert("L" if channels == 1 else "RGB")
 
 
-def _read_errors():
-    return (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What Pillow raises on a file that is not an image, is cut short, or is malformed inside.
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ class ImageFolder(datasets.ImageFolder):
         path, target = self.samples[index]
         try:
             image = open_image(path, self.channels)
-        except _read_errors() as e:
+        except READ_ERRORS as e:
             return Unreadable(path, f"{type(e).__name__}: {e}")
         return (self.transform(image) if self.transform else image), target
 

@@ -97,7 +97,7 @@ def predict(loaded: Loaded, images: list[str | os.PathLike], topk: int = 5, batc
         except FileNotFoundError:
             results[-1]["error"] = "file does not exist"
             continue
-        except D._read_errors() as e:
+        except D.READ_ERRORS as e:
             results[-1]["error"] = f"cannot decode image ({type(e).__name__}: {e})"
             continue
         pending.append((len(results) - 1, transform(image)))
