@@ -367,6 +367,11 @@ class RunDir:
     def write_text(self, name: str, text: str) -> None:
         atomic_write(self.file(name), lambda tmp: Path(tmp).write_text(text))
 
+    def remove_partial_files(self) -> None:
+        """Delete temporary files that a killed atomic write left behind (`.<name>.XXXX.tmp`)."""
+        for path in self.path.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
     def metrics(self) -> list[dict]:
         path = self.file("metrics.jsonl")
         if not path.exists():
@@ -511,6 +516,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) 
     start_epoch, rows, best = 0, [], {"acc1": -1.0, "epoch": None, "weights": None}
     if state is not None:
         model.load_state_dict(state["model"])
+        model.small_map = state["small_map"]      # --init may have switched it (torchvision weights)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -520,6 +526,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) 
         if run is not None:
             rows = [r for r in run.metrics() if r["epoch"] <= start_epoch]
             run.write_metrics(rows)
+            run.remove_partial_files()
         say(f"resuming {run_path} after epoch {start_epoch}")
     if run is not None:
         import yaml
@@ -675,7 +682,7 @@ def save_epoch(run: RunDir, cfg, model, ema, optimizer, schedule, scaler, epoch,
     run.write_metrics(rows)
     state = {"format": STATE_FORMAT, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(),
-             "ema": ema.state_dict() if ema is not None else None, "best": best,
+             "ema": ema.state_dict() if ema is not None else None, "best": best, "small_map": model.small_map,
              "rng": {"seed": cfg.seed, "reseeded_each_epoch": True}}
     try:
         atomic_write(run.file("last.state.pt"), lambda tmp: torch.save(state, tmp))
