@@ -33,6 +33,7 @@ COLOURS = {"zebra": (40, 50, 210), "apple": (215, 35, 35), "mango": (40, 195, 50
 CLASSES = sorted(COLOURS)
 TINY = ["--model", "swin_t", "--model-args", '{"embed_dim":16,"depths":[1,1],"num_heads":[1,2]}',
         "--img-size", "32", "--window-size", "4", "--batch-size", "8", "--workers", "0", "--progress", "off"]
+TINY1 = [*TINY, "--epochs", "1"]  # for runs meant to fail: a bug must not mean 300 epochs
 # Learn the colours in an epoch or two: no warm-up, no heavy augmentation.
 FAST = ["--lr", "0.3", "--warmup-epochs", "0", "--mixup", "0", "--cutmix", "0", "--auto-augment", "none",
         "--reprob", "0", "--drop-path", "0"]
@@ -336,26 +337,26 @@ def _expect_error(capsys, argv, *fragments, code=2) -> str:
 
 def test_missing_data_dir(tmp_path, capsys):
     missing = tmp_path / "nope"
-    _expect_error(capsys, ["train", "--data", str(missing), *TINY, "--out", str(tmp_path / "o")],
+    _expect_error(capsys, ["train", "--data", str(missing), *TINY1, "--out", str(tmp_path / "o")],
                   str(missing), "does not exist")
 
 
 def test_data_dir_that_is_a_file(tmp_path, capsys):
     file = tmp_path / "data.txt"
     file.write_text("x")
-    _expect_error(capsys, ["train", "--data", str(file), *TINY, "--out", str(tmp_path / "o")], str(file), "is a file")
+    _expect_error(capsys, ["train", "--data", str(file), *TINY1, "--out", str(tmp_path / "o")], str(file), "is a file")
 
 
 def test_data_dir_without_train(tmp_path, capsys):
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
-    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY, "--out", str(tmp_path / "o")],
+    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")],
                   "train/")
 
 
 def test_train_without_class_folders(tmp_path, capsys):
     (tmp_path / "data" / "train").mkdir(parents=True)
     _swatch((1, 2, 3), random.Random(0)).save(tmp_path / "data" / "train" / "loose.png")
-    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY, "--out", str(tmp_path / "o")],
+    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")],
                   "no class folders")
 
 
@@ -364,7 +365,7 @@ def test_class_folder_without_images_is_named(tmp_path, capsys):
     empty = tmp_path / "data" / "train" / "empty_class"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY, "--out", str(tmp_path / "o")],
+    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")],
                   str(empty), "no images")
 
 
@@ -373,7 +374,7 @@ def test_val_class_unknown_to_train_is_named(tmp_path, capsys):
     extra = tmp_path / "data" / "val" / "kiwi"
     extra.mkdir()
     _swatch((9, 9, 9), random.Random(0)).save(extra / "0.png")
-    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY, "--out", str(tmp_path / "o")], "kiwi")
+    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")], "kiwi")
 
 
 def _other_v1(path: Path) -> Path:
@@ -391,11 +392,12 @@ def _official_v2(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("make, name, hint", [(_other_v1, "e24.safetensors", "shapes differ"),
-                                              (_official_v2, "v2.pth", "V2")])
+                                              (_official_v2, "v2.pth", "V2")],
+                         ids=["swinx-embed-24", "official-swinv2"])
 def test_init_from_a_checkpoint_that_does_not_fit(tree, tmp_path, capsys, make, name, hint):
     checkpoint = make(tmp_path / name)
     out = tmp_path / "o"
-    err = _expect_error(capsys, ["train", "--data", str(tree), *TINY, "--out", str(out), "--init", str(checkpoint)],
+    err = _expect_error(capsys, ["train", "--data", str(tree), *TINY1, "--out", str(out), "--init", str(checkpoint)],
                         "--init", str(checkpoint), "does not fit", hint)
     assert "embed_dim 16" in err      # it says what the model is
     assert not (out / "last.safetensors").exists()
@@ -415,7 +417,7 @@ def test_init_from_a_fitting_checkpoint_starts_from_it(run, tree, tmp_path, caps
 def test_unwritable_output_directory(tree, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _expect_error(capsys, ["train", "--data", str(tree), *TINY, "--out", str(blocker / "run")],
+    _expect_error(capsys, ["train", "--data", str(tree), *TINY1, "--out", str(blocker / "run")],
                   "cannot write to output directory", str(blocker / "run"))
 
 
@@ -474,7 +476,7 @@ def test_errors_through_the_real_command(tmp_path):
     """The installed entry point: exit code 2, one error line, no traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     missing = tmp_path / "nope"
-    proc = subprocess.run([sys.executable, "-m", "swinx", "train", "--data", str(missing), *TINY,
+    proc = subprocess.run([sys.executable, "-m", "swinx", "train", "--data", str(missing), *TINY1,
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -517,16 +519,49 @@ def test_unreadable_images_are_skipped_and_counted(corrupt_tree, tmp_path, capsy
     for row in rows:
         assert row["skipped_images"] == 4          # 2 in train/ and 2 in val/, every epoch
     warnings_ = [line for line in err.splitlines() if line.startswith("warning")]
-    assert len(warnings_) == 2, err                # one per epoch
-    assert all(str(bad[0]) in line or str(bad[1]) in line for line in warnings_), warnings_
+    assert len(warnings_) == 4, err                # per epoch, one for training and one for validation
+    assert sum(str(bad[0]) in line or str(bad[1]) in line for line in warnings_) == 2, warnings_
+    assert sum(str(bad[2]) in line or str(bad[3]) in line for line in warnings_) == 2, warnings_
     assert "Traceback" not in err
 
 
 def test_max_bad_images_stops_the_run(corrupt_tree, tmp_path, capsys):
     root, bad = corrupt_tree
-    err = _expect_error(capsys, ["train", "--data", str(root), *TINY, "--out", str(tmp_path / "run"),
+    err = _expect_error(capsys, ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "run"),
                                  "--max-bad-images", "0"], "unreadable")
     assert str(bad[0]) in err or str(bad[1]) in err
+
+
+@pytest.fixture
+def bad_val_tree(tmp_path) -> tuple[Path, Path]:
+    root = make_tree(tmp_path / "data", train_per_class=4, val_per_class=2)
+    bad = root / "val" / "mango" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg" * 20)
+    return root, bad
+
+
+def test_unreadable_val_image_is_named(bad_val_tree, tmp_path, capsys):
+    """An unreadable validation image is counted in skipped_images, and the user is told which file."""
+    root, bad = bad_val_tree
+    assert train_tiny(root, tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    assert read_metrics(tmp_path / "run")[0]["skipped_images"] == 1
+    assert any("warning" in line and str(bad) in line for line in err.splitlines()), err
+
+
+def test_max_bad_images_counts_the_whole_epoch(corrupt_tree, tmp_path, capsys):
+    """2 bad training + 2 bad validation images: --max-bad-images 3 stops at validation, 4 does not."""
+    root, _ = corrupt_tree
+    _expect_error(capsys, ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "a"),
+                           "--max-bad-images", "3"], "4 unreadable")
+    assert main(["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "b"), "--max-bad-images", "4"]) == 0
+
+
+def test_max_bad_images_counts_val_images_too(bad_val_tree, tmp_path, capsys):
+    """The epoch's skipped_images says 1; --max-bad-images 0 ("stop when an epoch has more") must stop."""
+    root, bad = bad_val_tree
+    _expect_error(capsys, ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "run"),
+                           "--max-bad-images", "0"], "unreadable", str(bad))
 
 
 def test_eval_skips_unreadable_images(run, corrupt_tree, capsys):

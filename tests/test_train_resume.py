@@ -115,7 +115,8 @@ def assert_same_run(a: Path, b: Path, atol: float = 1e-6) -> None:
     state_a = torch.load(a / "last.state.pt", weights_only=True)
     state_b = torch.load(b / "last.state.pt", weights_only=True)
     assert state_a["epoch"] == state_b["epoch"] and state_a["best"] == state_b["best"]
-    for key, tensor in state_a["ema"].items():
+    assert (state_a["ema"] is None) == (state_b["ema"] is None)
+    for key, tensor in (state_a["ema"] or {}).items():
         assert torch.allclose(tensor.float(), state_b["ema"][key].float(), atol=atol, rtol=0), ("ema", key)
 
 

@@ -87,6 +87,31 @@ class TrainConfig:
     progress: str = "auto"               # auto (on a terminal) | on | off
     max_bad_images: int | None = None    # stop when more images than this are unreadable in one epoch
 
+    def __post_init__(self):
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if self.in_chans == 1 and len(self.mean) == 3 and len(self.std) == 3:
+            # gray input with 3-channel statistics: use their channel means (ImageNet: 0.449 / 0.226)
+            self.mean, self.std = (sum(self.mean) / 3,), (sum(self.std) / 3,)
+        problems = []
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            problems.append(f"mean {list(self.mean)} and std {list(self.std)} need one value per input channel "
+                            f"(in_chans {self.in_chans})")
+        for name in ("epochs", "batch_size", "accum_steps", "img_size", "in_chans"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.min_lr < 0 or self.warmup_lr < 0 or self.warmup_epochs < 0 or self.workers < 0:
+            problems.append("min_lr, warmup_lr, warmup_epochs and workers cannot be negative")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if min(self.std) <= 0:
+            problems.append(f"std must be positive, got {list(self.std)}")
+        if self.progress not in ("auto", "on", "off"):
+            problems.append(f"progress must be auto, on or off, got {self.progress!r}")
+        if problems:
+            raise TrainError("invalid training settings: " + "; ".join(problems))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
@@ -109,7 +134,7 @@ MNIST_PRESET = dict(
     model="swin_t",
     model_args=dict(patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[1, 2, 4]),
     img_size=28, in_chans=1, window_size=7,
-    epochs=30, batch_size=64, lr=2e-3 * 512 / 64, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=2,
+    epochs=40, batch_size=64, lr=2e-3 * 512 / 64, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=2,
     drop_path=0.1, label_smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="none",
     crop_scale=0.7, hflip=0.0, reprob=0.0, crop_pct=1.0, ema_decay=0.0,
     mean=D.MNIST_MEAN, std=D.MNIST_STD, workers=0,
@@ -310,8 +335,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
     top5 = torch.zeros((), dtype=torch.int64, device=device)
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     k = min(5, num_classes)
+    first_bad = None
     for batch, bad in loader:
         skipped += len(bad)
+        first_bad = first_bad or (bad[0] if bad else None)
         if batch is None:
             continue
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -333,6 +360,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
         "acc5": 100.0 * float(top5) / max(count, 1),
         "count": count,
         "skipped": int(skipped),
+        "first_unreadable": first_bad,
         "per_class": [100.0 * float(c) / float(n) if n else float("nan")
                       for c, n in zip(correct_per_class, count_per_class)],
         "confusion": confusion.cpu(),
@@ -406,7 +434,8 @@ class RunDir:
         ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         fig.tight_layout()
         atomic_write(self.file("curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
@@ -555,6 +584,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) 
             result = evaluate(model, val_loader, num_classes, device, dtype, ddp)
             row.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"])
             row["skipped_images"] += result["skipped"]
+            report_unreadable(cfg, ddp, f"epoch {epoch}: validation", result["skipped"], result["first_unreadable"],
+                              row["skipped_images"])
             if ema is not None:
                 ema_result = evaluate(ema.module, val_loader, num_classes, device, dtype, ddp)
                 row.update(ema_val_loss=ema_result["loss"], ema_val_acc1=ema_result["acc1"],
@@ -639,10 +670,23 @@ def run_epoch(cfg, net, model, ema, loader, optimizer, schedule, scaler, mixer, 
     progress.close()
     for t in (loss_sum, count, skipped):
         ddp.all_sum(t)
-    if int(skipped) and ddp.main:
-        where = f", e.g. {first_bad.path} ({first_bad.reason})" if first_bad is not None else ""
-        print(f"warning: epoch {epoch}: skipped {int(skipped)} unreadable image(s){where}", file=sys.stderr)
+    report_unreadable(cfg, ddp, f"epoch {epoch}: training", int(skipped), first_bad)
     return float(loss_sum) / max(int(count), 1), int(count), int(skipped)
+
+
+def report_unreadable(cfg: TrainConfig, ddp: Dist, where: str, skipped: int, first: D.Unreadable | None,
+                      epoch_total: int | None = None) -> None:
+    """Warn about skipped images (naming the first one this rank saw); stop when the epoch's total
+    (training and validation) passes --max-bad-images."""
+    if not skipped:
+        return
+    example = f", e.g. {first.path} ({first.reason})" if first is not None else ""
+    total = skipped if epoch_total is None else epoch_total
+    if cfg.max_bad_images is not None and total > cfg.max_bad_images:
+        raise TrainError(f"{where}: {total} unreadable image(s) this epoch, more than --max-bad-images "
+                         f"{cfg.max_bad_images}{example}")
+    if ddp.main:
+        print(f"warning: {where}: skipped {skipped} unreadable image(s){example}", file=sys.stderr)
 
 
 class _nullcontext:
