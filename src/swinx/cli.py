@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, TrainError, ValueError, TypeError, OSError) as e:
         print(f"swinx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"swinx {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -569,46 +569,53 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) 
         f"{len(data.train):,} images, {num_classes} classes, {ddp.world} process(es) on {device}, "
         f"global batch {global_batch}, lr {base_lr:.2e}; writing {run_path}")
     last = rows[-1] if rows else {}
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        generator = seed_epoch(cfg.seed, epoch, ddp.rank)
-        sampler.set_epoch(epoch)
-        train_loader.generator = generator
-        started = time.perf_counter()
-        train_loss, seen, skipped = run_epoch(cfg, net, model, ema, train_loader, optimizer, schedule, scaler, mixer,
-                                              device, dtype, ddp, epoch, num_classes)
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": None, "val_acc1": None, "val_acc5": None,
-               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(seconds, 3),
-               "images_per_second": round(seen / seconds, 1), "skipped_images": skipped}
-        if val_loader is not None:
-            result = evaluate(model, val_loader, num_classes, device, dtype, ddp)
-            row.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"])
-            row["skipped_images"] += result["skipped"]
-            report_unreadable(cfg, ddp, f"epoch {epoch}: validation", result["skipped"], result["first_unreadable"],
-                              row["skipped_images"])
-            if ema is not None:
-                ema_result = evaluate(ema.module, val_loader, num_classes, device, dtype, ddp)
-                row.update(ema_val_loss=ema_result["loss"], ema_val_acc1=ema_result["acc1"],
-                           ema_val_acc5=ema_result["acc5"])
-        if ddp.world > 1:
-            row["ranks_in_sync"] = ranks_in_sync(model, ddp)
-            if not row["ranks_in_sync"]:
-                raise TrainError(f"epoch {epoch}: the {ddp.world} processes hold different weights")
-        score, weights = best_candidate(row)
-        improved = score is not None and score > best["acc1"]
-        if improved:
-            best = {"acc1": score, "epoch": epoch, "weights": weights}
-        rows.append(row)
-        last = row
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            generator = seed_epoch(cfg.seed, epoch, ddp.rank)
+            sampler.set_epoch(epoch)
+            train_loader.generator = generator
+            started = time.perf_counter()
+            train_loss, seen, skipped = run_epoch(cfg, net, model, ema, train_loader, optimizer, schedule, scaler,
+                                                  mixer, device, dtype, ddp, epoch, num_classes)
+            seconds = time.perf_counter() - started
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": None, "val_acc1": None, "val_acc5": None,
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(seconds, 3),
+                   "images_per_second": round(seen / seconds, 1), "skipped_images": skipped}
+            if val_loader is not None:
+                result = evaluate(model, val_loader, num_classes, device, dtype, ddp)
+                row.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"])
+                row["skipped_images"] += result["skipped"]
+                report_unreadable(cfg, ddp, f"epoch {epoch}: validation", result["skipped"], result["first_unreadable"],
+                                  row["skipped_images"])
+                if ema is not None:
+                    ema_result = evaluate(ema.module, val_loader, num_classes, device, dtype, ddp)
+                    row.update(ema_val_loss=ema_result["loss"], ema_val_acc1=ema_result["acc1"],
+                               ema_val_acc5=ema_result["acc5"])
+            if ddp.world > 1:
+                row["ranks_in_sync"] = ranks_in_sync(model, ddp)
+                if not row["ranks_in_sync"]:
+                    raise TrainError(f"epoch {epoch}: the {ddp.world} processes hold different weights")
+            score, weights = best_candidate(row)
+            improved = score is not None and score > best["acc1"]
+            if improved:
+                best = {"acc1": score, "epoch": epoch, "weights": weights}
+            rows.append(row)
+            last = row
+            if run is not None:
+                save_epoch(run, cfg, model, ema, optimizer, schedule, scaler, epoch, best, data.classes, rows, improved,
+                           weights)
+                if writer is not None:
+                    for key, value in row.items():
+                        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                            writer.add_scalar(key, value, epoch)
+                    writer.flush()
+            say(epoch_line(row, cfg.epochs))
+    except KeyboardInterrupt:
         if run is not None:
-            save_epoch(run, cfg, model, ema, optimizer, schedule, scaler, epoch, best, data.classes, rows, improved,
-                       weights)
-            if writer is not None:
-                for key, value in row.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-                        writer.add_scalar(key, value, epoch)
-                writer.flush()
-        say(epoch_line(row, cfg.epochs))
+            print(f"\ninterrupted in epoch {epoch}; the last finished epoch is saved. Continue with: "
+                  f"swinx train --resume {run_path}", file=sys.stderr)
+        raise
     if writer is not None:
         writer.close()
     if last:
