@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two intra-op threads on a 2-core machine make tiny training runs ~20x slower; use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ from swinx import data as D
 from swinx import train as T
 from swinx.cli import main
 from swinx.inference import load_for_inference, transform_for
+from helpers import one_thread  # noqa: F401 - a fixture, used through pytestmark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Sorted order (apple, mango, zebra) differs from creation order, so a wrong class order shows.
 COLOURS = {"zebra": (40, 50, 210), "apple": (215, 35, 35), "mango": (40, 195, 50)}
@@ -38,15 +41,6 @@ TINY1 = [*TINY, "--epochs", "1"]  # for runs meant to fail: a bug must not mean 
 FAST = ["--lr", "0.3", "--warmup-epochs", "0", "--mixup", "0", "--cutmix", "0", "--auto-augment", "none",
         "--reprob", "0", "--drop-path", "0"]
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "epoch_seconds"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two intra-op threads on a 2-core machine make these tiny models ~20x slower; use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +714,7 @@ def test_resolve_config_presets(tmp_path):
     assert imagenet.img_size == 224 and imagenet.in_chans == 3 and imagenet.mixup == 0.8
     assert imagenet.cutmix == 1.0 and imagenet.epochs == 300 and tuple(imagenet.mean) == D.IMAGENET_MEAN
     # flags given as None keep the preset / YAML value
-    assert T.resolve_config(overrides={"epochs": None, "img_size": 20}).epochs == 30
+    assert T.resolve_config(overrides={"epochs": None, "img_size": 20}).epochs == T.MNIST_PRESET["epochs"]
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("data: somewhere\nepochs: 7\n")
     assert T.resolve_config(str(yaml_file), {"epochs": 3}).epochs == 3

@@ -35,7 +35,9 @@ from swinx import data as D
 from swinx.checkpoint import read_metadata
 from swinx.cli import main
 from swinx.train import build_model, resolve_config
-from helpers import randomize
+from helpers import one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -144,14 +146,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     return make_tree(tmp_path_factory.mktemp("small"), 12, 4)
@@ -184,7 +178,8 @@ def test_resume_replays_the_uninterrupted_run(small_data, reference4, tmp_path):
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
-def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, tmp_path, monkeypatch, interrupt):
+def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, tmp_path, monkeypatch, capsys,
+                                                        interrupt):
     """Ctrl-C (or sys.exit) lands in epoch 3's save after the state file, halfway through writing the weights."""
     real_save_file = swinx.checkpoint.save_file
     calls = []
@@ -199,8 +194,12 @@ def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, 
 
     monkeypatch.setattr(swinx.checkpoint, "save_file", save_file_then_interrupt)
     run = tmp_path / "run"
-    with pytest.raises(interrupt):
-        main(train_cmd(small_data, run, *RANDOM, "--epochs", "4"))
+    if interrupt is KeyboardInterrupt:   # the CLI turns Ctrl-C into exit code 130 and says how to resume
+        assert main(train_cmd(small_data, run, *RANDOM, "--epochs", "4")) == 130
+        assert f"swinx train --resume {run}" in capsys.readouterr().err
+    else:
+        with pytest.raises(interrupt):
+            main(train_cmd(small_data, run, *RANDOM, "--epochs", "4"))
     monkeypatch.undo()
     assert len(calls) == 1 and Path(calls[0]).parent == run and Path(calls[0]).name.startswith(".last.safetensors.")
     assert temp_files(run) == []

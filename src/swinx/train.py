@@ -31,6 +31,7 @@ from .model import SwinTransformer
 from .variants import create_model
 
 STATE_FORMAT = 1
+PROGRESS_SECONDS = 0.5    # how often the progress bar redraws
 
 
 class TrainError(RuntimeError):
@@ -467,7 +468,8 @@ class Progress:
         if show and ddp.main:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True,
+                            mininterval=PROGRESS_SECONDS)
 
     def update(self, loss: float, lr: float, images_per_second: float) -> None:
         if self.bar is not None:
