@@ -24,7 +24,7 @@ from PIL import Image
 
 import swinx
 from swinx import data as D
-from swinx import train as T
+from swinx import recipe as T
 from swinx.cli import main
 from swinx.inference import load_for_inference, transform_for
 from helpers import one_thread  # noqa: F401 - a fixture, used through pytestmark

@@ -31,10 +31,12 @@ from safetensors.torch import load_file
 
 import swinx
 import swinx.checkpoint
+import swinx.rundir
 from swinx import data as D
 from swinx.checkpoint import read_metadata
 from swinx.cli import main
-from swinx.train import build_model, resolve_config
+from swinx.recipe import resolve_config
+from swinx.train import build_model
 from helpers import one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,7 +130,7 @@ def assert_checkpoints_whole(run: Path) -> dict:
         model = swinx.load_model(path)
         assert model.class_names == ["class0", "class1", "class2"]
     state = torch.load(run / "last.state.pt", map_location="cpu", weights_only=True)
-    assert state["format"] == swinx.train.STATE_FORMAT and state["epoch"] >= 1
+    assert state["format"] == swinx.rundir.STATE_FORMAT and state["epoch"] >= 1
     rows = rows_of(run)  # every line parses
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
     if (run / "curves.png").exists():

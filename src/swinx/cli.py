@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import swinx
 from swinx.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
 from swinx.data import DataError
 from swinx.layouts import detect_layout, infer_config
-from swinx.train import TrainError
+from swinx.recipe import TrainError
 
 
 def cmd_models(args) -> int:
@@ -106,7 +108,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     import dataclasses
     import json
 
-    from swinx.train import TrainConfig
+    from swinx.recipe import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -129,7 +131,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     import dataclasses
 
-    from swinx.train import TrainConfig, resolve_config, train
+    from swinx.recipe import TrainConfig, resolve_config
+    from swinx.train import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.resume:
@@ -141,40 +144,26 @@ def cmd_train(args) -> int:
                                              "progress": overrides["progress"], "device": overrides["device"]})
     else:
         config = resolve_config(args.config, overrides)
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)   # torchrun's
     return 0
 
 
 def cmd_eval(args) -> int:
-    from swinx.inference import eval_dataset, load_for_inference, plot_confusion
-    from swinx.train import data_loader, evaluate
+    from swinx.inference import evaluate_checkpoint
 
-    loaded = load_for_inference(args.checkpoint, args.device)
-    dataset, where = eval_dataset(loaded, args.data)
-    loader = data_loader(dataset, args.batch_size, None, args.workers)
-    result = evaluate(loaded.model, loader, len(loaded.class_names), torch.device(args.device))
-    if result["count"] == 0:
-        raise ValueError(f"no readable images in {where}")
-    per_class = {name: acc for name, acc in zip(loaded.class_names, result["per_class"]) if acc == acc}
-    report = {"checkpoint": str(loaded.path), "data": where, "images": result["count"],
-              "skipped_images": result["skipped"], "loss": result["loss"], "acc1": result["acc1"],
-              "acc5": result["acc5"], "per_class_acc1": per_class}
-    out = Path(args.confusion) if args.confusion else None
-    if out is None and len(loaded.class_names) <= 50:
-        out = loaded.path.parent / f"confusion-{loaded.path.stem}.png"
-    if out is not None:
-        plot_confusion(result["confusion"], loaded.class_names, out)
-        report["confusion_png"] = str(out)
+    report = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
+                                 device=args.device, confusion_png=args.confusion)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{report['images']:,} images from {where}  (skipped {report['skipped_images']} unreadable)")
+    print(f"{report['images']:,} images from {report['data']}  (skipped {report['skipped_images']} unreadable)")
     print(f"top-1 {report['acc1']:.2f}%  top-5 {report['acc5']:.2f}%  loss {report['loss']:.4f}")
-    width = max(len(n) for n in per_class) if per_class else 5
+    per_class = report["per_class_acc1"]
+    width = max(map(len, per_class), default=5)
     for name, acc in per_class.items():
         print(f"  {name:{width}s}  {acc:6.2f}%")
-    if out is not None:
-        print(f"confusion matrix: {out}")
+    if "confusion_png" in report:
+        print(f"confusion matrix: {report['confusion_png']}")
     return 0
 
 
@@ -246,8 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's log lines as plain text: information on stdout, warnings on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        print(self.format(record), file=stream, flush=True)
+
+
+def _console_logging() -> None:
+    logger = logging.getLogger("swinx")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _ConsoleHandler)] + [_ConsoleHandler()]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _console_logging()
     try:
         return args.run(args)
     except (CheckpointError, DataError, TrainError, ValueError, TypeError, OSError) as e:

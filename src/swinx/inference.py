@@ -157,3 +157,29 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *, batch_size: int = 64,
+                        workers: int = 2, device: str = "cpu", confusion_png: str | os.PathLike | None = None) -> dict:
+    """Top-1, top-5, loss and per-class accuracy of a checkpoint on an ImageFolder split (or the
+    data it was trained on), with a confusion-matrix PNG (beside the checkpoint by default, for
+    up to 50 classes)."""
+    from .train import data_loader, evaluate
+
+    loaded = load_for_inference(checkpoint, device)
+    dataset, where = eval_dataset(loaded, data)
+    loader = data_loader(dataset, batch_size, None, workers)
+    result = evaluate(loaded.model, loader, len(loaded.class_names), torch.device(device))
+    if result["count"] == 0:
+        raise D.DataError(f"no readable images in {where}")
+    per_class = {name: acc for name, acc in zip(loaded.class_names, result["per_class"]) if acc == acc}  # not NaN
+    report = {"checkpoint": str(loaded.path), "data": where, "images": result["count"],
+              "skipped_images": result["skipped"], "loss": result["loss"], "acc1": result["acc1"],
+              "acc5": result["acc5"], "per_class_acc1": per_class}
+    out = Path(confusion_png) if confusion_png else None
+    if out is None and len(loaded.class_names) <= 50:
+        out = loaded.path.parent / f"confusion-{loaded.path.stem}.png"
+    if out is not None:
+        plot_confusion(result["confusion"], loaded.class_names, out)
+        report["confusion_png"] = str(out)
+    return report

@@ -1,23 +1,22 @@
-"""Training: the paper's recipe, a run directory that survives being killed, DDP through torchrun.
+"""The training loop: one process or many (DDP through torchrun), resumable at every epoch.
 
 `train(TrainConfig(...))` is the whole job; `swinx train` builds the config from a YAML file
-and flags. Every epoch writes one line of metrics.jsonl and the `last` checkpoint (weights as
-safetensors with class names, and a resume state file), both atomically. Randomness is
-reseeded at the start of every epoch from (seed, epoch, rank), so a run resumed from epoch k
-replays epochs k+1... exactly as the uninterrupted run did.
+and flags (see recipe.py) and the run directory keeps what it produces (see rundir.py). Every
+random number generator is reseeded at the start of each epoch from (seed, epoch, rank), so
+a run resumed after epoch k replays epochs k+1, ... exactly as the uninterrupted run did.
+Messages go to the "swinx" logger; the library itself never prints.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
+import logging
 import math
-import os
 import random
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,153 +25,26 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data as D
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_model
+from .checkpoint import CheckpointError, load_checkpoint
 from .model import SwinTransformer
+from .recipe import TrainConfig, TrainError, amp_dtype, mix_transform, param_groups, soft_cross_entropy, warmup_cosine
+from .rundir import RunDir, default_out, input_spec
 from .variants import create_model
 
-STATE_FORMAT = 1
+logger = logging.getLogger("swinx")
 PROGRESS_SECONDS = 0.5    # how often the progress bar redraws
 
 
-class TrainError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run. Defaults are the paper's ImageNet recipe, with the learning rates
-    given for a global batch of 512 and scaled linearly to the real one."""
-
-    # data and model
-    data: str | None = None              # ImageFolder root (train/, val/); None: built-in MNIST 5k
-    model: str = "swin_t"
-    model_args: dict = field(default_factory=dict)   # SwinConfig overrides (embed_dim, depths, ...)
-    img_size: int = 224
-    in_chans: int = 3
-    window_size: int | None = None       # None: the variant's
-    init: str | None = None              # fine-tune from a checkpoint of any layout
-    # optimisation
-    epochs: int = 300
-    batch_size: int = 128                # per process, per micro-batch
-    accum_steps: int = 1
-    lr: float = 5e-4                     # for a global batch of 512
-    min_lr: float = 5e-6
-    warmup_lr: float = 5e-7
-    warmup_epochs: float = 20
-    weight_decay: float = 0.05
-    clip_grad: float | None = 5.0
-    label_smoothing: float = 0.1
-    drop_path: float = 0.2
-    ema_decay: float = 0.0               # 0: no EMA
-    amp: str = "auto"                    # auto (bf16 where supported) | bf16 | fp16 | off
-    grad_checkpointing: bool = False
-    # augmentation
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    auto_augment: str = "randaugment"
-    randaug_magnitude: int = 9
-    crop_scale: float = 0.08
-    hflip: float = 0.5
-    reprob: float = 0.25
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple = D.IMAGENET_MEAN
-    std: tuple = D.IMAGENET_STD
-    # run
-    seed: int = 0
-    workers: int = 4
-    device: str = "auto"
-    out: str | None = None               # default runs/<name>-<time>
-    name: str | None = None
-    progress: str = "auto"               # auto (on a terminal) | on | off
-    max_bad_images: int | None = None    # stop when more images than this are unreadable in one epoch
-
-    def __post_init__(self):
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-        if self.in_chans == 1 and len(self.mean) == 3 and len(self.std) == 3:
-            # gray input with 3-channel statistics: use their channel means (ImageNet: 0.449 / 0.226)
-            self.mean, self.std = (sum(self.mean) / 3,), (sum(self.std) / 3,)
-        problems = []
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            problems.append(f"mean {list(self.mean)} and std {list(self.std)} need one value per input channel "
-                            f"(in_chans {self.in_chans})")
-        for name in ("epochs", "batch_size", "accum_steps", "img_size", "in_chans"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr}")
-        if self.min_lr < 0 or self.warmup_lr < 0 or self.warmup_epochs < 0 or self.workers < 0:
-            problems.append("min_lr, warmup_lr, warmup_epochs and workers cannot be negative")
-        if not 0 <= self.ema_decay < 1:
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if min(self.std) <= 0:
-            problems.append(f"std must be positive, got {list(self.std)}")
-        if self.progress not in ("auto", "on", "off"):
-            problems.append(f"progress must be auto, on or off, got {self.progress!r}")
-        if problems:
-            raise TrainError("invalid training settings: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainError(f"unknown training setting(s) {unknown}; valid settings: {sorted(known)}")
-        d = dict(d)
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-
-MNIST_PRESET = dict(
-    model="swin_t",
-    model_args=dict(patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[1, 2, 4]),
-    img_size=28, in_chans=1, window_size=7,
-    epochs=40, batch_size=64, lr=2e-3 * 512 / 64, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=2,
-    drop_path=0.1, label_smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="none",
-    crop_scale=0.7, hflip=0.0, reprob=0.0, crop_pct=1.0, ema_decay=0.0,
-    mean=D.MNIST_MEAN, std=D.MNIST_STD, workers=0,
-)
-"""The built-in default: a 0.57M-parameter Swin trained from scratch on 4,000 MNIST digits."""
-
-
-def resolve_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults, then the MNIST preset when no data is given, then a YAML file, then flags."""
-    settings: dict = {}
-    if yaml_path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text())
-        except OSError as e:
-            raise TrainError(f"cannot read config file {yaml_path}: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise TrainError(f"config file {yaml_path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise TrainError(f"config file {yaml_path} must hold a mapping of settings, got {type(loaded).__name__}")
-        settings.update(loaded)
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    base = {} if settings.get("data") else dict(MNIST_PRESET)
-    base.update(settings)
-    return TrainConfig.from_dict(base)
-
-
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers
+# Processes, devices, randomness
 
 
 @dataclass
 class Dist:
+    """This process's place in the job; world 1 when not distributed."""
+
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -184,13 +56,12 @@ class Dist:
         return tensor
 
 
-def setup_distributed(device_kind: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
+def init_distributed(device: str) -> Dist:
+    """Join the process group torchrun describes: NCCL on GPUs, gloo on CPUs."""
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        use_cuda = device in ("cuda", "auto") and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def pick_device(name: str, ddp: Dist) -> torch.device:
@@ -199,7 +70,7 @@ def pick_device(name: str, ddp: Dist) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise TrainError("--device cuda asked for, but PyTorch sees no CUDA device; use --device cpu")
-        return torch.device("cuda", ddp.local_rank)
+        return torch.device("cuda", ddp.rank % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -218,66 +89,7 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces of the recipe
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    raise TrainError(f"--amp must be auto, bf16, fp16 or off, got {amp!r}")
-
-
-def param_groups(model: SwinTransformer, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, position-bias tables, cpb MLP and logit scale."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in skip or p.ndim <= 1 or "cpb_mlp" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int):
-    """Multiplier of base_lr at optimizer step s: linear warm-up from warmup_lr, then cosine to min_lr."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            lr = warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
-        else:
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
-        return lr / base_lr
-    return factor
-
-
-def mix_transform(cfg: TrainConfig, num_classes: int):
-    """MixUp / CutMix on whole batches (torchvision.transforms.v2), or None."""
-    from torchvision.transforms import v2
-
-    choices = []
-    if cfg.mixup > 0:
-        choices.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
-    if cfg.cutmix > 0:
-        choices.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
-    if not choices or cfg.mixup_prob <= 0:
-        return None
-    chosen = v2.RandomChoice(choices)
-    return chosen if cfg.mixup_prob >= 1 else v2.RandomApply([chosen], p=cfg.mixup_prob)
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
+# Data and model
 
 
 @dataclass
@@ -369,96 +181,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
 
 
 # ---------------------------------------------------------------------------------------------
-# The run directory
-
-
-class RunDir:
-    """Everything a run writes, all of it atomically; only rank 0 owns one."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @staticmethod
-    def create(path: Path) -> RunDir:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise TrainError(f"cannot write to output directory {path}: {e.strerror or e}; "
-                             "pick another with --out DIR") from e
-        return RunDir(path)
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def write_text(self, name: str, text: str) -> None:
-        atomic_write(self.file(name), lambda tmp: Path(tmp).write_text(text))
-
-    def remove_partial_files(self) -> None:
-        """Delete temporary files that a killed atomic write left behind (`.<name>.XXXX.tmp`)."""
-        for path in self.path.glob(".*.tmp"):
-            path.unlink(missing_ok=True)
-
-    def metrics(self) -> list[dict]:
-        path = self.file("metrics.jsonl")
-        if not path.exists():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break     # a line cut short by a kill: everything before it is whole
-        return rows
-
-    def write_metrics(self, rows: list[dict]) -> None:
-        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-
-    def plot(self, rows: list[dict]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        epochs = [r["epoch"] for r in rows]
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-        ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-        if rows and rows[0].get("val_loss") is not None:
-            ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
-            ax_acc.plot(epochs, [r["val_acc1"] for r in rows], label="top-1")
-            ax_acc.plot(epochs, [r["val_acc5"] for r in rows], label="top-5")
-            if rows[0].get("ema_val_acc1") is not None:
-                ax_acc.plot(epochs, [r["ema_val_acc1"] for r in rows], label="EMA top-1")
-        ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
-        for ax in (ax_loss, ax_acc):
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend()
-        fig.tight_layout()
-        atomic_write(self.file("curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-
-
-def default_out(cfg: TrainConfig) -> Path:
-    name = cfg.name or (f"{Path(cfg.data).resolve().name}-{cfg.model}" if cfg.data else "mnist")
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def read_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise TrainError(f"{path} does not exist: the run has no finished epoch to resume from; "
-                         "start it again without --resume") from e
-    except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing to the user
-        raise TrainError(f"cannot read resume state {path}: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
+# Training
 
 
 class Progress:
@@ -481,132 +204,234 @@ class Progress:
             self.bar.close()
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) -> dict:
-    """Run (or resume) training; returns the last epoch's metrics. Rank 0 writes the run directory."""
-    ddp = setup_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+@dataclass
+class Best:
+    """The best validation top-1 so far, its epoch and whether the model or its EMA scored it."""
+
+    acc1: float = -1.0
+    epoch: int | None = None
+    weights: str | None = None
+
+
+class Trainer:
+    """Everything one process trains with: data, model (and EMA, DDP wrapper), optimizer, schedule."""
+
+    def __init__(self, cfg: TrainConfig, ddp: Dist, device: torch.device):
+        self.cfg, self.ddp, self.device = cfg, ddp, device
+        self.dtype = amp_dtype(cfg.amp, device)
+        self.data = build_data(cfg)
+        self.num_classes = len(self.data.classes)
+        seed_epoch(cfg.seed, 0, 0)      # the same initial weights on every rank
+        self.model = build_model(cfg, self.num_classes)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+
+        self.sampler = DistributedSampler(self.data.train, num_replicas=ddp.world, rank=ddp.rank, shuffle=True,
+                                          seed=cfg.seed)
+        self.train_loader = data_loader(self.data.train, cfg.batch_size, self.sampler, cfg.workers,
+                                        drop_last=len(self.sampler) >= 2 * cfg.batch_size)
+        self.val_loader = None
+        if self.data.val is not None:
+            shard = D.ShardSampler(len(self.data.val), ddp.rank, ddp.world)
+            self.val_loader = data_loader(self.data.val, cfg.batch_size, shard, cfg.workers)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.accum_steps)
+        if self.steps_per_epoch == 0:
+            raise TrainError(f"the training split has {len(self.data.train)} images, fewer than one batch per "
+                             "process; lower --batch-size")
+
+        self.global_batch = cfg.batch_size * cfg.accum_steps * ddp.world
+        scale = self.global_batch / 512          # the recipe's learning rates are per 512 images
+        self.lr = cfg.lr * scale
+        self.mixer = mix_transform(cfg, self.num_classes)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.ema = None
+        self.net = self.model
+
+    def initialise(self, init: str) -> str:
+        """Load --init weights (any layout); returns the load report."""
+        try:
+            return str(load_checkpoint(self.model, init))
+        except CheckpointError as e:
+            raise TrainError(f"--init {init}: {e}") from e
+
+    def prepare(self) -> None:
+        """Move to the device, then build what holds references to the parameters."""
+        cfg = self.cfg
+        self.model.to(self.device)
+        if cfg.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if self.ddp.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=self.lr,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        scale = self.global_batch / 512
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            self.lr, cfg.min_lr * scale, cfg.warmup_lr * scale, round(cfg.warmup_epochs * self.steps_per_epoch),
+            cfg.epochs * self.steps_per_epoch))
+
+    def state_dict(self, epoch: int, best: Best) -> dict:
+        return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "best": vars(best), "small_map": self.model.small_map}
+
+    def load_state_dict(self, state: dict) -> tuple[int, Best]:
+        self.model.load_state_dict(state["model"])
+        self.model.small_map = state["small_map"]      # --init may have switched it (torchvision weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        return state["epoch"], Best(**state["best"])
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training split; returns the metrics row's training half."""
+        cfg, ddp, device = self.cfg, self.ddp, self.device
+        self.sampler.set_epoch(epoch)
+        self.train_loader.generator = seed_epoch(cfg.seed, epoch, ddp.rank)
+        self.net.train()
+        progress = Progress(cfg, ddp, len(self.train_loader), epoch, cfg.epochs)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        skipped = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad = None
+        started = time.perf_counter()
+        batches = len(self.train_loader)
+        for i, (batch, bad) in enumerate(self.train_loader):
+            if bad:
+                skipped += len(bad)
+                first_bad = first_bad or bad[0]
+                if cfg.max_bad_images is not None and int(skipped) > cfg.max_bad_images:
+                    raise TrainError(f"more than {cfg.max_bad_images} unreadable images in epoch {epoch}, "
+                                     f"e.g. {first_bad.path} ({first_bad.reason})")
+            step_now = (i + 1) % cfg.accum_steps == 0 or i + 1 == batches
+            if batch is not None:
+                loss = self.forward_backward(batch, sync=step_now)
+                loss_sum += loss.detach().double() * len(batch[1])
+                count += len(batch[1])
+            if step_now:
+                self.step()
+            if batch is not None:
+                seconds = time.perf_counter() - started
+                progress.update(loss.item(), self.optimizer.param_groups[0]["lr"], int(count) * ddp.world / seconds)
+        progress.close()
+        seconds = time.perf_counter() - started
+        for t in (loss_sum, count, skipped):
+            ddp.all_sum(t)
+        report_unreadable(cfg, ddp, f"epoch {epoch}: training", int(skipped), first_bad)
+        return {"epoch": epoch, "train_loss": float(loss_sum) / max(int(count), 1), "val_loss": None,
+                "val_acc1": None, "val_acc5": None, "lr": self.optimizer.param_groups[0]["lr"],
+                "epoch_seconds": round(seconds, 3), "images_per_second": round(int(count) / seconds, 1),
+                "skipped_images": int(skipped)}
+
+    def forward_backward(self, batch, sync: bool) -> torch.Tensor:
+        """Loss of one micro-batch, its gradient accumulated (DDP all-reduces only when `sync`)."""
+        cfg, device = self.cfg, self.device
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        targets = labels
+        if self.mixer is not None:
+            images, targets = self.mixer(images, labels)
+        no_sync = self.net.no_sync() if self.ddp.world > 1 and not sync else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                logits = self.net(images)
+            loss = soft_cross_entropy(logits, targets, cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainError(f"the loss is {loss.item()}; lower --lr, or use --amp bf16 instead of fp16")
+            self.scaler.scale(loss / cfg.accum_steps).backward()
+        return loss
+
+    def step(self) -> None:
+        """Clip, step, schedule (per optimizer step) and update the EMA."""
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def validate(self, row: dict) -> None:
+        """Add validation metrics (model, and EMA when there is one) to the epoch's row."""
+        if self.val_loader is None:
+            return
+        args = (self.val_loader, self.num_classes, self.device, self.dtype, self.ddp)
+        result = evaluate(self.model, *args)
+        row.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"])
+        row["skipped_images"] += result["skipped"]
+        report_unreadable(self.cfg, self.ddp, f"epoch {row['epoch']}: validation", result["skipped"],
+                          result["first_unreadable"], row["skipped_images"])
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, *args)
+            row.update(ema_val_loss=ema["loss"], ema_val_acc1=ema["acc1"], ema_val_acc5=ema["acc5"])
+
+    def describe(self) -> str:
+        c, cfg = self.model.config, self.cfg
+        return (f"training {cfg.model} (V{c.version}, patch {c.patch_size}, embed {c.embed_dim}, depths {c.depths}, "
+                f"window {c.window_size}: {sum(p.numel() for p in self.model.parameters()):,} parameters) on "
+                f"{len(self.data.train):,} images, {self.num_classes} classes, {self.ddp.world} process(es) on "
+                f"{self.device}, global batch {self.global_batch}, lr {self.lr:.2e}")
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, distributed: bool = False) -> dict:
+    """Run (or resume) training; returns the last epoch's metrics. Rank 0 writes the run directory.
+
+    `distributed=True` joins the process group that torchrun set up (one process per device).
+    """
+    ddp = init_distributed(cfg.device) if distributed else Dist()
     device = pick_device(cfg.device, ddp)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    say = log if ddp.main else (lambda *a, **k: None)
-    dtype = amp_dtype(cfg.amp, device)
+    say = logger.info if ddp.main else (lambda *a, **k: None)
 
-    state = None
-    if resume is not None:
-        run_path = Path(resume)
-        state = read_state(run_path / "last.state.pt")
-        if state.get("format") != STATE_FORMAT:
-            raise TrainError(f"{run_path / 'last.state.pt'} was written by another version of swinx")
-    else:
-        run_path = Path(cfg.out) if cfg.out else default_out(cfg)
+    run_path = Path(resume) if resume is not None else Path(cfg.out) if cfg.out else default_out(cfg)
+    state = RunDir(run_path).read_state() if resume is not None else None
     run = RunDir.create(run_path) if ddp.main else None
 
-    data = build_data(cfg)
-    num_classes = len(data.classes)
-    seed_epoch(cfg.seed, 0, 0)      # the same initial weights on every rank
-    model = build_model(cfg, num_classes)
+    trainer = Trainer(cfg, ddp, device)
     if cfg.init and state is None:
-        try:
-            report = load_checkpoint(model, cfg.init)
-        except CheckpointError as e:
-            raise TrainError(f"--init {cfg.init}: {e}") from e
-        say(f"initialised from {cfg.init}:\n{report}")
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.to(device)
-    ema = None
-    if cfg.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    net = model
-    if ddp.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    sampler = DistributedSampler(data.train, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=cfg.seed)
-    drop_last = len(sampler) >= 2 * cfg.batch_size
-    train_loader = data_loader(data.train, cfg.batch_size, sampler, cfg.workers, drop_last=drop_last)
-    val_loader = None
-    if data.val is not None:
-        val_loader = data_loader(data.val, cfg.batch_size, D.ShardSampler(len(data.val), ddp.rank, ddp.world),
-                                 cfg.workers)
-
-    global_batch = cfg.batch_size * cfg.accum_steps * ddp.world
-    scale = global_batch / 512
-    base_lr, min_lr, warmup_lr = cfg.lr * scale, cfg.min_lr * scale, cfg.warmup_lr * scale
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
-    if steps_per_epoch == 0:
-        raise TrainError(f"the training split has {len(data.train)} images, fewer than one batch per process; "
-                         "lower --batch-size")
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.999), eps=1e-8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        base_lr, min_lr, warmup_lr, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    mixer = mix_transform(cfg, num_classes)
-
-    start_epoch, rows, best = 0, [], {"acc1": -1.0, "epoch": None, "weights": None}
+        say(f"initialised from {cfg.init}:\n{trainer.initialise(cfg.init)}")
+    trainer.prepare()
+    start_epoch, rows, best = 0, [], Best()
     if state is not None:
-        model.load_state_dict(state["model"])
-        model.small_map = state["small_map"]      # --init may have switched it (torchvision weights)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, best = state["epoch"], state["best"]
+        start_epoch, best = trainer.load_state_dict(state)
         if run is not None:
             rows = [r for r in run.metrics() if r["epoch"] <= start_epoch]
             run.write_metrics(rows)
             run.remove_partial_files()
         say(f"resuming {run_path} after epoch {start_epoch}")
+    writer = None
     if run is not None:
         import yaml
 
         run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    writer = tensorboard_writer(run)
+        writer = run.tensorboard()
+    metadata = {"train_config": json.dumps(cfg.to_dict()), "input": json.dumps(input_spec(cfg))}
 
-    c = model.config
-    say(f"training {cfg.model} (V{c.version}, patch {c.patch_size}, embed {c.embed_dim}, depths {c.depths}, "
-        f"window {c.window_size}: {sum(p.numel() for p in model.parameters()):,} parameters) on "
-        f"{len(data.train):,} images, {num_classes} classes, {ddp.world} process(es) on {device}, "
-        f"global batch {global_batch}, lr {base_lr:.2e}; writing {run_path}")
-    last = rows[-1] if rows else {}
+    say(f"{trainer.describe()}; writing {run_path}")
     epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            generator = seed_epoch(cfg.seed, epoch, ddp.rank)
-            sampler.set_epoch(epoch)
-            train_loader.generator = generator
-            started = time.perf_counter()
-            train_loss, seen, skipped = run_epoch(cfg, net, model, ema, train_loader, optimizer, schedule, scaler,
-                                                  mixer, device, dtype, ddp, epoch, num_classes)
-            seconds = time.perf_counter() - started
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": None, "val_acc1": None, "val_acc5": None,
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(seconds, 3),
-                   "images_per_second": round(seen / seconds, 1), "skipped_images": skipped}
-            if val_loader is not None:
-                result = evaluate(model, val_loader, num_classes, device, dtype, ddp)
-                row.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"])
-                row["skipped_images"] += result["skipped"]
-                report_unreadable(cfg, ddp, f"epoch {epoch}: validation", result["skipped"], result["first_unreadable"],
-                                  row["skipped_images"])
-                if ema is not None:
-                    ema_result = evaluate(ema.module, val_loader, num_classes, device, dtype, ddp)
-                    row.update(ema_val_loss=ema_result["loss"], ema_val_acc1=ema_result["acc1"],
-                               ema_val_acc5=ema_result["acc5"])
+            row = trainer.train_epoch(epoch)
+            trainer.validate(row)
             if ddp.world > 1:
-                row["ranks_in_sync"] = ranks_in_sync(model, ddp)
+                row["ranks_in_sync"] = ranks_in_sync(trainer.model, ddp)
                 if not row["ranks_in_sync"]:
                     raise TrainError(f"epoch {epoch}: the {ddp.world} processes hold different weights")
-            score, weights = best_candidate(row)
-            improved = score is not None and score > best["acc1"]
-            if improved:
-                best = {"acc1": score, "epoch": epoch, "weights": weights}
+            improved = best_of_epoch(row, best)
             rows.append(row)
-            last = row
             if run is not None:
-                save_epoch(run, cfg, model, ema, optimizer, schedule, scaler, epoch, best, data.classes, rows, improved,
-                           weights)
+                best_model = None
+                if improved:
+                    best_model = (trainer.ema.module if best.weights == "ema" else trainer.model, best.weights)
+                run.save_epoch(epoch, rows, trainer.state_dict(epoch, best), trainer.model, best_model,
+                               trainer.data.classes, {**metadata, "epoch": str(epoch)})
                 if writer is not None:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
@@ -615,72 +440,18 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, log=print) 
             say(epoch_line(row, cfg.epochs))
     except KeyboardInterrupt:
         if run is not None:
-            print(f"\ninterrupted in epoch {epoch}; the last finished epoch is saved. Continue with: "
-                  f"swinx train --resume {run_path}", file=sys.stderr)
+            logger.warning(f"interrupted in epoch {epoch}; the last finished epoch is saved. Continue with: "
+                           f"swinx train --resume {run_path}")
         raise
-    if writer is not None:
-        writer.close()
+    finally:
+        if writer is not None:
+            writer.close()
+    last = rows[-1] if rows else {}
     if last:
         say(final_line(last, best, run_path))
     if ddp.world > 1:
         dist.barrier()
     return last
-
-
-def run_epoch(cfg, net, model, ema, loader, optimizer, schedule, scaler, mixer, device, dtype, ddp, epoch,
-              num_classes):
-    net.train()
-    progress = Progress(cfg, ddp, len(loader), epoch, cfg.epochs)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
-    skipped = torch.zeros((), dtype=torch.int64, device=device)
-    first_bad = None
-    started = time.perf_counter()
-    batches = len(loader)
-    for i, (batch, bad) in enumerate(loader):
-        if bad:
-            skipped += len(bad)
-            if first_bad is None:
-                first_bad = bad[0]
-            if cfg.max_bad_images is not None and int(skipped) > cfg.max_bad_images:
-                raise TrainError(f"more than {cfg.max_bad_images} unreadable images in epoch {epoch}, "
-                                 f"e.g. {first_bad.path} ({first_bad.reason})")
-        step_now = (i + 1) % cfg.accum_steps == 0 or i + 1 == batches
-        if batch is not None:
-            images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            targets = labels
-            if mixer is not None:
-                images, targets = mixer(images, labels)
-            sync = step_now or ddp.world == 1
-            context = net.no_sync() if not sync else _nullcontext()
-            with context:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = net(images)
-                loss = soft_cross_entropy(logits, targets, cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainError(f"epoch {epoch}, batch {i}: the loss is {loss.item()}; lower --lr, "
-                                     "or use --amp bf16 instead of fp16")
-                scaler.scale(loss / cfg.accum_steps).backward()
-            loss_sum += loss.detach().double() * len(labels)
-            count += len(labels)
-        if step_now:
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            if ema is not None:
-                ema.update_parameters(model)
-        if batch is not None:
-            progress.update(loss.item(), optimizer.param_groups[0]["lr"],
-                            int(count) * ddp.world / (time.perf_counter() - started))
-    progress.close()
-    for t in (loss_sum, count, skipped):
-        ddp.all_sum(t)
-    report_unreadable(cfg, ddp, f"epoch {epoch}: training", int(skipped), first_bad)
-    return float(loss_sum) / max(int(count), 1), int(count), int(skipped)
 
 
 def report_unreadable(cfg: TrainConfig, ddp: Dist, where: str, skipped: int, first: D.Unreadable | None,
@@ -695,15 +466,7 @@ def report_unreadable(cfg: TrainConfig, ddp: Dist, where: str, skipped: int, fir
         raise TrainError(f"{where}: {total} unreadable image(s) this epoch, more than --max-bad-images "
                          f"{cfg.max_bad_images}{example}")
     if ddp.main:
-        print(f"warning: {where}: skipped {skipped} unreadable image(s){example}", file=sys.stderr)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        logger.warning(f"warning: {where}: skipped {skipped} unreadable image(s){example}")
 
 
 def ranks_in_sync(model: torch.nn.Module, ddp: Dist) -> bool:
@@ -717,55 +480,17 @@ def ranks_in_sync(model: torch.nn.Module, ddp: Dist) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def best_candidate(row: dict) -> tuple[float | None, str | None]:
-    """The better of the model and its EMA on this epoch's top-1, and which it was."""
-    candidates = [(row.get("val_acc1"), "model"), (row.get("ema_val_acc1"), "ema")]
+def best_of_epoch(row: dict, best: Best) -> bool:
+    """Update `best` with the better of the model and its EMA this epoch; True if it improved."""
+    candidates = [(row.get(key), name) for key, name in (("val_acc1", "model"), ("ema_val_acc1", "ema"))]
     candidates = [c for c in candidates if c[0] is not None]
-    return max(candidates, key=lambda c: c[0]) if candidates else (None, None)
-
-
-def save_epoch(run: RunDir, cfg, model, ema, optimizer, schedule, scaler, epoch, best, classes, rows, improved,
-               weights) -> None:
-    """metrics.jsonl first, then the resume state, then the weights: each one atomic.
-
-    A kill between any two writes leaves files from two adjacent epochs; resume reads only
-    last.state.pt (which holds the weights too) and trims metrics.jsonl to match it.
-    """
-    meta = {"epoch": str(epoch), "train_config": json.dumps(cfg.to_dict()), "input": json.dumps(input_spec(cfg))}
-    run.write_metrics(rows)
-    state = {"format": STATE_FORMAT, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(),
-             "ema": ema.state_dict() if ema is not None else None, "best": best, "small_map": model.small_map,
-             "rng": {"seed": cfg.seed, "reseeded_each_epoch": True}}
-    try:
-        atomic_write(run.file("last.state.pt"), lambda tmp: torch.save(state, tmp))
-        save_model(model, run.file("last.safetensors"), classes, meta)
-        if improved:
-            source = ema.module if weights == "ema" else model
-            save_model(source, run.file("best.safetensors"), classes, {**meta, "weights": weights})
-    except OSError as e:
-        raise TrainError(f"could not save the epoch {epoch} checkpoint in {run.path}: {e.strerror or e}; "
-                         "the previous checkpoint is intact") from e
-    try:
-        run.plot(rows)
-    except OSError as e:
-        warnings.warn(f"could not write {run.file('curves.png')}: {e}", stacklevel=1)
-
-
-def input_spec(cfg: TrainConfig) -> dict:
-    """What `swinx predict` and `swinx eval` need to preprocess images like validation did."""
-    return {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean), "std": list(cfg.std),
-            "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
-
-
-def tensorboard_writer(run: RunDir | None):
-    if run is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run.file("tensorboard")))
+    if not candidates:
+        return False
+    score, weights = max(candidates, key=lambda c: c[0])
+    if score <= best.acc1:
+        return False
+    best.acc1, best.epoch, best.weights = score, row["epoch"], weights
+    return True
 
 
 def _fmt(value, spec: str) -> str:
@@ -780,8 +505,8 @@ def epoch_line(row: dict, epochs: int) -> str:
     return line + f"  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s ({row['images_per_second']:.0f} img/s)"
 
 
-def final_line(last: dict, best: dict, run_path: Path) -> str:
+def final_line(last: dict, best: Best, run_path: Path) -> str:
     if last.get("val_acc1") is None:
         return f"done: no validation split; checkpoints in {run_path}"
-    return (f"done: final val top-1 {last['val_acc1']:.2f}% (best {best['acc1']:.2f}% at epoch {best['epoch']}, "
-            f"{best['weights']} weights); checkpoints in {run_path}")
+    return (f"done: final val top-1 {last['val_acc1']:.2f}% (best {best.acc1:.2f}% at epoch {best.epoch}, "
+            f"{best.weights} weights); checkpoints in {run_path}")

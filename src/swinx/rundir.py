@@ -1,0 +1,143 @@
+"""The run directory: config, metrics, checkpoints, curves and TensorBoard events of one
+training run, every file written atomically. Only rank 0 owns one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write, save_model
+from .model import SwinTransformer
+from .recipe import TrainConfig, TrainError
+
+STATE_FORMAT = 1
+logger = logging.getLogger("swinx")
+
+
+class RunDir:
+    """Everything a run writes, all of it atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @staticmethod
+    def create(path: Path) -> RunDir:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise TrainError(f"cannot write to output directory {path}: {e.strerror or e}; "
+                             "pick another with --out DIR") from e
+        return RunDir(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write(self.file(name), lambda tmp: Path(tmp).write_text(text))
+
+    def remove_partial_files(self) -> None:
+        """Delete temporary files that a killed atomic write left behind (`.<name>.XXXX.tmp`)."""
+        for path in self.path.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
+    def metrics(self) -> list[dict]:
+        path = self.file("metrics.jsonl")
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break     # a line cut short by a kill: everything before it is whole
+        return rows
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    def plot(self, rows: list[dict]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in rows]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+        if rows and rows[0].get("val_loss") is not None:
+            ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
+            ax_acc.plot(epochs, [r["val_acc1"] for r in rows], label="top-1")
+            ax_acc.plot(epochs, [r["val_acc5"] for r in rows], label="top-5")
+            if rows[0].get("ema_val_acc1") is not None:
+                ax_acc.plot(epochs, [r["ema_val_acc1"] for r in rows], label="EMA top-1")
+        ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+        fig.tight_layout()
+        atomic_write(self.file("curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+
+    def save_epoch(self, epoch: int, rows: list[dict], state: dict, model: SwinTransformer,
+                   best: tuple[SwinTransformer, str] | None, classes: list[str], metadata: dict[str, str]) -> None:
+        """metrics.jsonl first, then the resume state, then the weights, then `best` = (model, "model"
+        or "ema") when it improved.
+
+        Each write is atomic. A kill between two of them leaves files of two adjacent epochs;
+        resume reads only last.state.pt (which holds the weights too) and trims the metrics to it.
+        """
+        self.write_metrics(rows)
+        try:
+            atomic_write(self.file("last.state.pt"), lambda tmp: torch.save({"format": STATE_FORMAT, **state}, tmp))
+            save_model(model, self.file("last.safetensors"), classes, {**metadata, "weights": "model"})
+            if best is not None:
+                save_model(best[0], self.file("best.safetensors"), classes, {**metadata, "weights": best[1]})
+        except OSError as e:
+            raise TrainError(f"could not save the epoch {epoch} checkpoint in {self.path}: {e.strerror or e}; "
+                             "the previous checkpoint is intact") from e
+        try:
+            self.plot(rows)
+        except OSError as e:
+            logger.warning(f"warning: could not write {self.file('curves.png')}: {e}")
+
+    def read_state(self) -> dict:
+        path = self.file("last.state.pt")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as e:
+            raise TrainError(f"{path} does not exist: the run has no finished epoch to resume from; "
+                             "start it again without --resume") from e
+        except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing to the user
+            raise TrainError(f"cannot read resume state {path}: {e}") from e
+        if state.get("format") != STATE_FORMAT:
+            raise TrainError(f"{path} was written by another version of swinx")
+        return state
+
+    def tensorboard(self):
+        """A SummaryWriter into tensorboard/, or None when tensorboard is not installed."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.file("tensorboard")))
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    name = cfg.name or (f"{Path(cfg.data).resolve().name}-{cfg.model}" if cfg.data else "mnist")
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def input_spec(cfg: TrainConfig) -> dict:
+    """What `swinx predict` and `swinx eval` need to preprocess images the way validation did."""
+    return {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean), "std": list(cfg.std),
+            "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
