@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .position import log_spaced_coords, relative_position_index
 from .windows import WindowGeometry, shift_mask
 
@@ -122,7 +123,7 @@ class WindowAttention(nn.Module):
         qkv_bias = self.qkv.bias
         if self.version == 2 and self.q_bias is not None:
             qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        qkv = ops.linear(x, self.qkv.weight, qkv_bias, fast=self.fused)
         q, k, v = qkv.view(B, nW, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5).unbind(0)  # 3 x (B, nW, heads, N, D)
         if self.version == 2:
             tau = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
@@ -134,10 +135,12 @@ class WindowAttention(nn.Module):
 
         attn = None
         if self.fused and not return_attn:
+            # The mask must be 4-D: PyTorch's fused CPU kernel takes a 4-D mask only and silently
+            # falls back to the unfused math (3-4x slower) for a 3-D one.
             if bias.shape[0] == 1:  # one bias for every window: fold windows into the batch
-                shape, mask = (B * nW, heads, N, D), bias[0]
+                shape, mask = (B * nW, heads, N, D), bias  # mask (1, heads, N, N)
             else:  # a bias per window: fold windows into the heads
-                shape, mask = (B, nW * heads, N, D), bias.reshape(nW * heads, N, N)
+                shape, mask = (B, nW * heads, N, D), bias.reshape(1, nW * heads, N, N)
             out = F.scaled_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
                                                  attn_mask=mask, dropout_p=drop, scale=scale)
             out = out.view(B, nW, heads, N, D)
@@ -145,7 +148,7 @@ class WindowAttention(nn.Module):
             attn = torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1)  # (B, nW, heads, N, N)
             out = F.dropout(attn, drop, self.training) @ v
         out = out.transpose(2, 3).reshape(B, nW, N, C)
-        out = self.proj_drop(self.proj(out))
+        out = self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
         return (out, attn) if return_attn else out
 
     def extra_repr(self) -> str:

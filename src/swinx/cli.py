@@ -186,6 +186,67 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_flops(args) -> int:
+    from swinx.flops import counted_flops, macs
+
+    model = swinx.create_model(args.model, **({"img_size": args.img_size} if args.img_size else {}))
+    size = args.img_size or model.config.img_hw[0]
+    parts = macs(model.config, size)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model} at {size}x{size}: {params:,} parameters, "
+          f"{sum(p.macs for p in parts) / 1e9:.3f} GMACs (official convention)")
+    counted = counted_flops(model, size) if args.counted else {}
+    for p in parts:
+        extra = f"   flop_counter {counted.get(p.name, 0) / 2e9:8.3f} GMACs" if counted else ""
+        print(f"  {p.name:12s} map {p.height:4d}x{p.width:<4d} {p.macs / 1e9:8.3f} GMACs{extra}")
+    if counted:
+        print(f"  torch.utils.flop_counter total: {counted['total'] / 2e9:.3f} GMACs "
+              "(counts softmax-free matmuls only: linear layers and attention)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from swinx import bench
+
+    if args.scaling:
+        rows = bench.scaling(args.model, sizes=args.sizes, device=args.device, repeats=args.repeats)
+        title = f"{args.model}: shifted windows against global attention ({torch.get_num_threads()} threads)"
+        out = Path(args.out_dir) / f"scaling-{args.model}.png"
+        bench.plot_scaling(rows, out, title)
+        for r in rows:
+            glob = f"{r['global_ms']:9.1f}" if r["global_ms"] is not None else "        -"
+            print(f"{r['img_size']:5d}px {r['tokens']:6d} tokens  swin {r['swin_ms']:9.1f} ms "
+                  f"{r['swin_gmacs']:8.2f} GMACs   global {glob} ms {r['global_gmacs']:9.2f} GMACs")
+        print(f"wrote {out}")
+        return 0
+    device = torch.device(args.device)
+    rates = {name: bench.matmul_rate(dtype, device) for name, dtype in
+             (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    print(f"{bench.device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"matmul {rates['float32'] / 1e9:.1f} GFLOP/s float32, {rates['bfloat16'] / 1e9:.1f} GFLOP/s bfloat16")
+    impls = ("swinx",) + (bench.PEERS if args.compare else ())
+    rows = []
+    for mode in args.mode:
+        spec = bench.BenchSpec(model=args.model, batch=args.batch, img_size=args.img_size, mode=mode,
+                               dtype=args.dtype, compile=args.compile, device=args.device, repeats=args.repeats)
+        results = bench.compare(spec, impls, memory=not args.no_memory, roofline=rates[args.dtype])
+        rows += [r.row() for r in results]
+        print(f"{mode}: {args.model} batch {spec.batch} at {results[0].img_size}, {args.dtype}"
+              f"{', compiled' if args.compile else ''} (median of {args.repeats} interleaved rounds)")
+        for r in results:
+            memory = f"{r.peak_memory_mb:8.0f} MB" if r.peak_memory_mb is not None else "       -"
+            print(f"  {r.impl:12s} {r.median_ms:9.1f} ms {r.images_per_second:8.1f} img/s  "
+                  f"swinx is {r.speedup_of_swinx:5.2f}x  peak {memory}  |diff| {r.max_abs_diff:.1e}  "
+                  f"{100 * r.fraction_of_matmul_peak:5.1f}% of matmul peak")
+    for row in rows:
+        row["matmul_gflops"] = rates[row["dtype"]] / 1e9
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    if args.out_dir:
+        print(f"appended to {bench.record(rows, args.out_dir, device)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinx", description="Swin Transformer V1/V2 tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +289,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("bench", help="throughput, latency and memory, against timm and torchvision with --compare")
+    p.add_argument("--model", default="swin_t")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--img-size", type=int, help="default: the variant's")
+    p.add_argument("--mode", nargs="+", choices=("infer", "train"), default=["infer"],
+                   help="inference forward, or a training step (forward, backward, AdamW)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
+    p.add_argument("--compare", action="store_true", help="also timm and torchvision, same weights, interleaved")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--scaling", action="store_true", help="time against input size, windowed vs global attention")
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 320, 448, 640, 800, 1024])
+    p.add_argument("--out-dir", default="benchmarks/results", help="CSV results and pictures go here ('' for none)")
+    p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("flops", help="parameters and multiply-accumulates per stage (official convention)")
+    p.add_argument("model")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--counted", action="store_true", help="also count with torch.utils.flop_counter")
+    p.set_defaults(run=cmd_flops)
 
     p = sub.add_parser("demo", help="smoke demo: any input size, every checkpoint layout")
     p.add_argument("--model", default="swin_t")

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
+from . import ops
 from .attention import WindowAttention
 from .config import SwinConfig
 from .windows import cyclic_shift, pad_map, window_geometry, window_partition, window_reverse
@@ -53,19 +54,25 @@ class PatchMerging(nn.Module):
         H, W = H + H % 2, W + W % 2
         # Channel order [x(0,0), x(1,0), x(0,1), x(1,1)] as (row, col) offsets: column offset outer.
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
-        return self.reduction(self.norm(x)) if self.version == 1 else self.norm(self.reduction(x))
+        if self.version == 1:
+            return ops.linear(self.norm(x), self.reduction.weight, None)
+        return self.norm(ops.linear(x, self.reduction.weight, None))
 
 
 class Mlp(nn.Module):
+    """fc1, GELU, fc2; with `fused`, GELU runs inside fc1's kernel where ops.linear can (CPU inference)."""
+
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = ops.linear(x, self.fc1.weight, self.fc1.bias, gelu=True, fast=self.fused)
+        return self.drop(ops.linear(self.drop(x), self.fc2.weight, self.fc2.bias, fast=self.fused))
 
 
 class SwinBlock(nn.Module):
@@ -194,9 +201,9 @@ class SwinTransformer(nn.Module):
             block.small_map = policy
 
     def set_fused_attn(self, enable: bool = True) -> None:
-        """Fused attention (scaled_dot_product_attention) or the exact softmax path."""
+        """Fast kernels (fused attention, oneDNN linear + GELU) or the plain PyTorch ops."""
         for block in self.blocks():
-            block.attn.fused = enable
+            block.attn.fused = block.mlp.fused = enable
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
