@@ -57,14 +57,21 @@ class WindowAttention(nn.Module):
         self._cache: dict[tuple, torch.Tensor] = {}
 
     # ----- derived tensors -------------------------------------------------------------
-    def _cached(self, key: tuple, build):
+    def _cached(self, key: tuple, build, constant: bool = True):
+        """`build()` once per key. A `constant` (index, coordinates, mask) is built as a normal
+        tensor even under inference_mode, so that a later training step may use it."""
         if not _caching_allowed():
             return build()
         value = self._cache.get(key)
         if value is None:
             if len(self._cache) >= _MAX_CACHE_ENTRIES:
                 self._cache.pop(next(iter(self._cache)))
-            value = self._cache[key] = build()
+            if constant:
+                with torch.inference_mode(False), torch.no_grad():
+                    value = build()
+            else:
+                value = build()
+            self._cache[key] = value
         return value
 
     def _bias_parameters(self) -> list[nn.Parameter]:
@@ -109,7 +116,7 @@ class WindowAttention(nn.Module):
             return build()  # inference tensors have no version counter to tell us they changed
         versions = tuple((p.data_ptr(), p._version) for p in params)
         key = ("bias", padded, geometry, dtype, self.proj.weight.device, versions, torch.is_inference_mode_enabled())
-        return self._cached(key, build)
+        return self._cached(key, build, constant=False)
 
     # ----- attention -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, geometry: WindowGeometry, padded: tuple[int, int], return_attn: bool = False):

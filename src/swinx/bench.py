@@ -159,40 +159,67 @@ def _time(fn: Callable[[], object], calls: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak bytes allocated by one call above what was allocated before it (MB).
+def cuda_peak_memory(fn: Callable[[], object], device: torch.device) -> float:
+    """CUDA: peak bytes allocated by one call above what was allocated before it (MB)."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
-    CUDA: the caching allocator's peak statistic. CPU: the profiler's allocation events,
-    replayed in order (PyTorch keeps no peak statistic for CPU tensors).
-    """
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+def process_peak_rss(spec: BenchSpec, impl: str) -> float:
+    """CPU: peak resident memory (MB) of a fresh process that builds `impl` and runs the workload
+    three times. PyTorch keeps no peak statistic for CPU tensors; the operating system does."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "swinx.bench", json.dumps(asdict(spec)), impl],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {impl} failed: {done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def _rss_main(spec_json: str, impl: str) -> None:
+    import json
+    import resource
+
+    spec = BenchSpec(**json.loads(spec_json))
+    torch.manual_seed(0)
+    model = create_model(spec.model, drop_path_rate=0.0)
+    size = spec.img_size or model.config.img_hw[0]
+    x = torch.randn(spec.batch, model.config.in_chans, size, size)
+    labels = torch.randint(0, model.num_classes, (spec.batch,))
+    net = build(impl, model, spec.model)
+    if impl != "swinx":
+        del model
+    fn = workload(torch.compile(net) if spec.compile else net, spec, x, labels)
+    for _ in range(3):
         fn()
-    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events()
-                    if e.name == "[memory]" and e.cpu_memory_usage)
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak / 2**20
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # Linux reports KiB
 
 
 def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n: int = 2048,
-                repeats: int = 5) -> float:
-    """The machine's dense matmul rate in FLOP/s: median of `repeats` n x n x n products."""
+                repeats: int = 5) -> dict[str, float]:
+    """The machine's dense matmul rate in FLOP/s (median of `repeats` n x n x n products), per kernel.
+
+    On the CPU both PyTorch's default (`torch.mm`, BLAS) and oneDNN's linear are measured:
+    oneDNN is often twice as fast, and a roofline must use the best the machine can do.
+    """
+    from . import ops
+
     device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    rounds = interleaved({"mm": lambda: torch.mm(a, b)}, device, repeats, 0.3, 1)["mm"]
-    return 2 * n ** 3 / statistics.median(rounds)
+    kernels = {"torch.mm": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and ops.HAS_ONEDNN_LINEAR:
+        kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    with torch.inference_mode():
+        rounds = interleaved(kernels, device, repeats, 0.3, 1)
+    return {name: 2 * n ** 3 / statistics.median(times) for name, times in rounds.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +292,8 @@ def compare(spec: BenchSpec, impls: tuple[str, ...] = ("swinx",), memory: bool =
             compiled=spec.compile, device=device_name(device), threads=torch.get_num_threads(),
             torch=torch.__version__, median_ms=median * 1e3, images_per_second=images,
             rounds_ms=[t * 1e3 for t in rounds[impl]], speedup_of_swinx=median / ours,
-            peak_memory_mb=peak_memory(fns[impl], device) if memory else None, max_abs_diff=diffs[impl],
+            peak_memory_mb=(None if not memory else cuda_peak_memory(fns[impl], device) if device.type == "cuda"
+                            else process_peak_rss(spec, impl)), max_abs_diff=diffs[impl],
             gmacs_per_image=gmacs, fraction_of_matmul_peak=flops_rate / roofline if roofline else None))
     return results
 
@@ -358,3 +386,9 @@ def record(rows: list[dict], out_dir, device: torch.device) -> str:
     writer.writerows(rows)
     atomic_write(path, lambda tmp: open(tmp, "w").write(old + buffer.getvalue()))
     return str(path)
+
+
+if __name__ == "__main__":      # python -m swinx.bench SPEC_JSON IMPL: the peak-RSS probe
+    import sys
+
+    _rss_main(sys.argv[1], sys.argv[2])

@@ -220,10 +220,13 @@ def cmd_bench(args) -> int:
         print(f"wrote {out}")
         return 0
     device = torch.device(args.device)
-    rates = {name: bench.matmul_rate(dtype, device) for name, dtype in
-             (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-    print(f"{bench.device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"matmul {rates['float32'] / 1e9:.1f} GFLOP/s float32, {rates['bfloat16'] / 1e9:.1f} GFLOP/s bfloat16")
+    print(f"{bench.device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    rates = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        kernels = bench.matmul_rate(dtype, device)
+        rates[name] = max(kernels.values())
+        print(f"  dense matmul {name}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in kernels.items())
+              + "  (the best is the roofline)")
     impls = ("swinx",) + (bench.PEERS if args.compare else ())
     rows = []
     for mode in args.mode:
@@ -234,7 +237,7 @@ def cmd_bench(args) -> int:
         print(f"{mode}: {args.model} batch {spec.batch} at {results[0].img_size}, {args.dtype}"
               f"{', compiled' if args.compile else ''} (median of {args.repeats} interleaved rounds)")
         for r in results:
-            memory = f"{r.peak_memory_mb:8.0f} MB" if r.peak_memory_mb is not None else "       -"
+            memory = f"{r.peak_memory_mb:6.0f} MB" if r.peak_memory_mb is not None else "     -   "
             print(f"  {r.impl:12s} {r.median_ms:9.1f} ms {r.images_per_second:8.1f} img/s  "
                   f"swinx is {r.speedup_of_swinx:5.2f}x  peak {memory}  |diff| {r.max_abs_diff:.1e}  "
                   f"{100 * r.fraction_of_matmul_peak:5.1f}% of matmul peak")
@@ -301,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also timm and torchvision, same weights, interleaved")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurement (CPU: peak RSS of a fresh process per implementation)")
     p.add_argument("--scaling", action="store_true", help="time against input size, windowed vs global attention")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 320, 448, 640, 800, 1024])
     p.add_argument("--out-dir", default="benchmarks/results", help="CSV results and pictures go here ('' for none)")

@@ -1,9 +1,11 @@
 """Fast kernels chosen at run time, each beside the plain PyTorch op it replaces.
 
 On x86 CPUs PyTorch ships oneDNN, whose linear kernel runs Swin's matrix shapes about twice
-as fast as the default `addmm` (BLAS) and can apply GELU in the same pass. It has no
-backward, so it serves inference only (no autograd graph being recorded), and it is skipped
-under torch.compile/tracing, where the compiler picks kernels itself.
+as fast as the default `addmm` (BLAS) and can apply GELU in the same pass. PyTorch gives it
+no backward, so training goes through `OneDNNLinear`, an autograd function whose forward and
+input gradient use oneDNN and whose weight gradient uses BLAS (faster for the tall, thin
+products of the weight gradient). Everything is skipped under torch.compile and tracing,
+where the compiler picks kernels itself.
 """
 
 from __future__ import annotations
@@ -11,32 +13,62 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_HAS_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
+HAS_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                       and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _onednn_usable(x: torch.Tensor) -> bool:
-    return (_HAS_ONEDNN_LINEAR and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and x.dtype in _DTYPES)
+    return (HAS_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in _DTYPES
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none") -> torch.Tensor:
+    """x @ weight.T + bias (then GELU when post_op == "gelu"), any leading dims."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "none" if post_op == "gelu" else "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """F.linear with oneDNN for the output and the input gradient, BLAS for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])                      # (M, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad2d, weight.t().contiguous(), None).view(x.shape)   # (M, in)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(grad2d.t(), x.reshape(-1, x.shape[-1]))           # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False,
            fast: bool = True) -> torch.Tensor:
-    """F.linear (then exact erf GELU when `gelu`); through oneDNN on the CPU in inference."""
-    if fast and _onednn_usable(x):
-        if torch.is_autocast_enabled("cpu"):      # do what autocast would have done for F.linear
-            dtype = torch.get_autocast_dtype("cpu")
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        elif weight.dtype != x.dtype:
-            return _plain(x, weight, bias, gelu)
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return _plain(x, weight, bias, gelu)
+    """F.linear (then exact erf GELU when `gelu`), through oneDNN on the CPU where it is available."""
+    if not (fast and _onednn_usable(x)):
+        return _plain(x, weight, bias, gelu)
+    if torch.is_autocast_enabled("cpu"):      # do what autocast would have done for F.linear
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return _plain(x, weight, bias, gelu)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _onednn(x, weight, bias, "gelu" if gelu else "none")
+    with torch.autocast("cpu", enabled=False):
+        y = OneDNNLinear.apply(x, weight, bias)
+    return F.gelu(y) if gelu else y
 
 
 def _plain(x, weight, bias, gelu):
