@@ -201,7 +201,7 @@ def cmd_flops(args) -> int:
         print(f"  {p.name:12s} map {p.height:4d}x{p.width:<4d} {p.macs / 1e9:8.3f} GMACs{extra}")
     if counted:
         print(f"  torch.utils.flop_counter total: {counted['total'] / 2e9:.3f} GMACs "
-              "(counts softmax-free matmuls only: linear layers and attention)")
+              "(matmuls and the patch convolution; norms, softmax and GELU are not counted)")
     return 0
 
 

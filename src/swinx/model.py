@@ -30,7 +30,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
-        if pad_h or pad_w:
+        if torch.compiler.is_compiling() or pad_h or pad_w:  # no guard on the size when compiled (pad_map)
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', C)
         return self.norm(x) if self.norm is not None else x
@@ -115,7 +115,8 @@ class SwinBlock(nn.Module):
         out = self.attn(windows, geometry, padded, return_attn)
         windows, attn = out if return_attn else (out, None)
         x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
-        x = x[:, :H, :W] if padded != (H, W) else x
+        if torch.compiler.is_compiling() or padded != (H, W):
+            x = x[:, :H, :W]
         return (x, attn) if return_attn else x
 
 

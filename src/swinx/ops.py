@@ -10,6 +10,8 @@ where the compiler picks kernels itself.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -17,8 +19,22 @@ HAS_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                       and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+_enabled = True
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Run every `linear` as F.linear inside this block (e.g. for torch.utils.flop_counter)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
 def _onednn_usable(x: torch.Tensor) -> bool:
-    return (HAS_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in _DTYPES
+    return (_enabled and HAS_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in _DTYPES
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 

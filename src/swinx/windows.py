@@ -55,7 +55,9 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
 
 def pad_map(x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
     """Zero-pad a (B, H, W, C) map at the bottom and right."""
-    if pad[0] == 0 and pad[1] == 0:
+    # Compiled with dynamic shapes, testing pad == 0 would add a guard on the input size (and a
+    # recompilation for each new size); padding by zero costs a copy and keeps one graph.
+    if not torch.compiler.is_compiling() and pad[0] == 0 and pad[1] == 0:
         return x
     return F.pad(x, (0, 0, 0, pad[1], 0, pad[0]))
 

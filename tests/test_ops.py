@@ -1,0 +1,349 @@
+"""Fast kernels are exact: ops.linear (oneDNN) against F.linear, fused model paths against plain PyTorch ops.
+
+No test here times anything: the fast paths are checked only for giving the same numbers,
+and for not breaking autograd, inference_mode or the caches in between.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swinx
+from helpers import SMALL, max_diff, one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
+from swinx import ops
+from swinx.model import SwinBlock
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # two threads on two shared cores: see helpers
+
+SHAPES = [(5, 24), (3, 7, 24), (2, 4, 49, 24)]          # 2-D, 3-D, 4-D inputs (the last: windows)
+MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+def reference(x, weight, bias, gelu):
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y          # F.gelu defaults to the exact erf form
+
+
+def operands(shape, out_features=40, bias=True, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    weight = torch.randn(out_features, shape[-1], generator=g) / shape[-1] ** 0.5
+    b = 0.5 * torch.randn(out_features, generator=g) if bias else None
+    for t in (x, weight, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return x, weight, b
+
+
+def small_model(version: int = 1, **overrides) -> swinx.SwinTransformer:
+    name = "swin_t" if version == 1 else "swinv2_t"
+    return randomize(swinx.create_model(name, **{**SMALL, "num_classes": 7, "drop_path_rate": 0.0, **overrides}))
+
+
+# ---------------------------------------------------------------------------------------------
+# ops.linear
+
+
+def test_onednn_kernel_is_available():
+    # Not a requirement of the library (it falls back), but without it the tests below would
+    # only compare F.linear with itself: say so instead of passing silently.
+    if not ops.HAS_ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear; the fast path is never taken")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "gelu"])
+def test_fast_linear_matches_f_linear(mode, shape, bias, gelu):
+    x, weight, b = operands(shape, bias=bias)
+    with MODES[mode]():
+        fast = ops.linear(x, weight, b, gelu=gelu, fast=True)
+        plain = ops.linear(x, weight, b, gelu=gelu, fast=False)
+        expected = reference(x, weight, b, gelu)
+    assert fast.shape == expected.shape == (*shape[:-1], 40)
+    assert fast.dtype == torch.float32
+    assert torch.equal(plain, expected)      # fast=False is F.linear itself
+    scale = expected.abs().max().item()
+    assert scale > 0.5                        # magnitudes are O(1): atol 1e-5 is a relative check
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_linear_on_non_contiguous_input(mode):
+    """Window attention hands ops.linear views; a transposed input must not be read as if contiguous."""
+    x, weight, b = operands((2, 9, 24))
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)     # same values, column-major strides
+    assert not x.is_contiguous()
+    with MODES[mode]():
+        for gelu in (False, True):
+            torch.testing.assert_close(ops.linear(x, weight, b, gelu=gelu), reference(x, weight, b, gelu),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_fast_linear_leaves_other_dtypes_to_f_linear():
+    x, weight, b = operands((3, 7, 24))
+    x, weight, b = x.double(), weight.double(), b.double()
+    with torch.no_grad():
+        assert torch.equal(ops.linear(x, weight, b, gelu=True), reference(x, weight, b, True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "gelu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fast_linear_under_bfloat16_autocast(mode, gelu, bias):
+    x, weight, b = operands((2, 4, 49, 24), bias=bias)
+    with MODES[mode](), torch.autocast("cpu", torch.bfloat16):
+        fast = ops.linear(x, weight, b, gelu=gelu)
+        expected = reference(x, weight, b, gelu)
+    assert expected.dtype == torch.bfloat16          # what autocast does to F.linear ...
+    assert fast.dtype == torch.bfloat16              # ... ops.linear does too
+    exact = reference(x, weight, b, gelu)            # float32, no autocast
+    # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, inputs and output rounded
+    torch.testing.assert_close(fast.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fast.float(), exact, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "gelu"])
+def test_linear_with_autograd_records_a_graph_and_gradients_are_exact(shape, bias, gelu):
+    x, weight, b = operands(shape, bias=bias, requires_grad=True)
+    x2, weight2, b2 = operands(shape, bias=bias, requires_grad=True)
+    y = ops.linear(x, weight, b, gelu=gelu)
+    assert y.grad_fn is not None and y.requires_grad
+    expected = reference(x2, weight2, b2, gelu)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(g)
+    expected.backward(g)
+    for mine, theirs in ((x, x2), (weight, weight2), (b, b2)):
+        if mine is not None:
+            assert mine.grad is not None
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_with_grad_enabled_but_nothing_requiring_grad():
+    """An eval forward without no_grad, all parameters frozen: no graph, same numbers."""
+    x, weight, b = operands((3, 7, 24))
+    assert torch.is_grad_enabled()
+    y = ops.linear(x, weight, b, gelu=True)
+    assert y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, reference(x, weight, b, True), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_with_autograd_on_the_weight_only_or_the_input_only():
+    for which in ("x", "weight"):
+        x, weight, b = operands((3, 7, 24))
+        leaf = x if which == "x" else weight
+        leaf.requires_grad_(True)
+        y = ops.linear(x, weight, b, gelu=True)
+        assert y.grad_fn is not None
+        y.sum().backward()
+        x2, weight2, b2 = operands((3, 7, 24))
+        leaf2 = x2 if which == "x" else weight2
+        leaf2.requires_grad_(True)
+        reference(x2, weight2, b2, True).sum().backward()
+        torch.testing.assert_close(leaf.grad, leaf2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_with_autograd_under_bfloat16_autocast():
+    x, weight, b = operands((2, 9, 24), requires_grad=True)
+    x2, weight2, b2 = operands((2, 9, 24), requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = ops.linear(x, weight, b, gelu=True)
+        expected = reference(x2, weight2, b2, True)
+    assert y.dtype == expected.dtype == torch.bfloat16 and y.grad_fn is not None
+    y.float().sum().backward()
+    expected.float().sum().backward()
+    assert weight.grad.dtype == torch.float32          # the float32 leaf gets a float32 gradient
+    for mine, theirs in ((x, x2), (weight, weight2), (b, b2)):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=3e-2, atol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model: fast paths (fused attention, oneDNN linear + GELU) against plain ops
+
+
+def all_plain(monkeypatch, model):
+    """set_fused_attn(False) turns the attention and the MLP to plain ops; patch merging calls
+    ops.linear with fast=True always, so oneDNN is switched off too, for a reference with no fast path."""
+    model.set_fused_attn(False)
+    monkeypatch.setattr(ops, "_onednn_usable", lambda x: False)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_whole_model_fast_paths_match_plain_ops(version, monkeypatch):
+    model = small_model(version).eval()
+    sizes = ((224, 224), (200, 312))
+    inputs = {size: torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1])) for size in sizes}
+    results = {}
+    for fused in (True, False):
+        model.set_fused_attn(fused)
+        for size in sizes:
+            for mode, context in MODES.items():
+                with context():
+                    results[size, fused, mode] = model(inputs[size]).clone()
+    with monkeypatch.context() as patch:
+        all_plain(patch, model)
+        with torch.no_grad():
+            references = {size: model(inputs[size]) for size in sizes}
+    for size, reference_out in references.items():
+        assert reference_out.abs().max() > 0.1 and torch.isfinite(reference_out).all()
+        for (s, fused, mode), out in results.items():
+            if s == size:
+                assert max_diff(out, reference_out) < 1e-4, (size, fused, mode)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_whole_model_fast_paths_match_plain_ops_in_training(version, monkeypatch):
+    """Forward and every parameter gradient with autograd recording: oneDNN linear with its backward
+    and fused attention against F.linear and explicit softmax attention."""
+    fast = small_model(version).eval()            # eval: no dropout, but the graph is recorded
+    plain = copy.deepcopy(fast)
+    x = torch.randn(2, 3, 72, 104, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for model in (fast, plain):
+        with monkeypatch.context() as patch:
+            if model is plain:
+                all_plain(patch, plain)
+            out = model(x)
+            assert out.grad_fn is not None
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+    assert max_diff(*outs) < 1e-4
+    grads = dict(plain.named_parameters())
+    for name, p in fast.named_parameters():
+        assert p.grad is not None, name
+        q = grads[name].grad
+        assert (p.grad - q).abs().max() <= 1e-4 + 1e-3 * q.abs().max(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# inference_mode then training, and back (cached index / mask / bias tensors)
+
+
+def train_step(model, x, labels):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), labels)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    return loss
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_training_after_inference_mode(version):
+    """Used to fail with "Inference tensors cannot be saved for backward": index and mask tensors
+    cached during an inference_mode forward were inference tensors."""
+    model = small_model(version).eval()
+    x = torch.randn(2, 3, 100, 76)
+    labels = torch.tensor([1, 4])
+    with torch.inference_mode():
+        before = model(x)
+    train_step(model, x, labels)              # same size: every cached tensor is reused
+    model.eval()
+    with torch.no_grad():                     # and a plain no_grad forward still agrees
+        assert max_diff(model(x), before) < 1e-5
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_inference_mode_after_training_and_training_again(version):
+    model = small_model(version)
+    x = torch.randn(2, 3, 100, 76)
+    labels = torch.tensor([0, 6])
+    train_step(model, x, labels)
+    model.eval()
+    with torch.inference_mode():
+        first = model(x)
+    with torch.no_grad():
+        second = model(x)
+    assert max_diff(first, second) < 1e-5
+    train_step(model, x, labels)
+    train_step(model, x, labels)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cached_attention_bias_follows_parameter_updates(version):
+    """The inference bias cache must notice an optimizer step (in-place parameter updates)."""
+    model = small_model(version)
+    x = torch.randn(1, 3, 100, 76)
+    model.eval()
+    with torch.inference_mode():
+        model(x)                               # fills the caches
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_step(model, x, torch.tensor([2]))
+    optimizer.step()                           # changes the bias tables / cpb MLP in place
+    model.eval()
+    fresh = swinx.SwinTransformer(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        assert max_diff(model(x), fresh(x)) < 1e-5
+    with torch.no_grad():
+        assert max_diff(model(x), fresh(x)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# A shifted block at a padded size: fused attention (SDPA, 4-D mask) against the exact path
+
+
+def shifted_block(version, dim=32, heads=2, seed=0):
+    block = SwinBlock(dim, heads, window_size=7, shift_size=3, version=version)
+    return randomize(block, seed).eval()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_shifted_block_fused_matches_exact_at_padded_size(version):
+    block = shifted_block(version)
+    x = torch.randn(2, 13, 17, 32)                 # padded to 14 x 21: 2 x 3 windows of 7 x 7
+    with torch.no_grad():
+        geometry_out = block.window_attention(x, return_attn=True)   # exact path, always
+        fused = block(x)
+        block.attn.fused = block.mlp.fused = False
+        exact = block(x)
+    assert fused.shape == x.shape
+    assert max_diff(fused, exact) < 1e-5
+    _, attn = geometry_out
+    assert attn.shape == (2, 6, 2, 49, 49)
+    # with grad: same outputs and same input gradient through both paths
+    outs, grads = [], []
+    for fused_flag in (True, False):
+        block.attn.fused = block.mlp.fused = fused_flag
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    assert max_diff(*outs) < 1e-5
+    assert max_diff(*grads) <= 1e-4 * max(1.0, grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "exact"])
+def test_shift_mask_separates_regions_that_the_roll_brings_together(fused):
+    """Token (0, 0) rolls into the bottom-right window beside token (12, 0) (13 x 17 map, window 7,
+    shift 3, padded to 14 x 21); the mask must keep them from seeing each other, while (1, 1),
+    in the same region, does see (0, 0). Without the mask (the control), (12, 0) would change."""
+    def response(block):
+        block.attn.fused = block.mlp.fused = fused
+        x = torch.randn(1, 13, 17, 32, generator=torch.Generator().manual_seed(5))
+        y = x.clone()
+        y[0, 0, 0, 0] += 3.0            # one channel: LayerNorm would undo a shift of all of them
+        with torch.no_grad():
+            return (block(y) - block(x)).abs().amax(-1)[0]    # (13, 17) change per token
+
+    block = shifted_block(1)
+    change = response(block)
+    assert change[1, 1] > 1e-3 and change[0, 0] > 1e-3
+    assert change[12, 0] < 1e-6, change[12, 0]
+    elsewhere = change.clone()
+    elsewhere[:3, :3] = 0                           # (0, 0)'s region of its shifted window
+    assert elsewhere.max() < 1e-6                   # nothing else sees the change
+
+    unmasked = shifted_block(1)
+    unmasked.attn.shift_mask = lambda geometry, padded: None
+    assert response(unmasked)[12, 0] > 1e-3        # the check above can fail
