@@ -141,7 +141,8 @@ class WindowAttention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
 
         attn = None
-        if self.fused and not return_attn:
+        # In bfloat16 on the CPU the fused kernel loses to plain batched matmuls (AMX-friendly shapes).
+        if self.fused and not return_attn and not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             # The mask must be 4-D: PyTorch's fused CPU kernel takes a 4-D mask only and silently
             # falls back to the unfused math (3-4x slower) for a 3-D one.
             if bias.shape[0] == 1:  # one bias for every window: fold windows into the batch

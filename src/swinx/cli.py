@@ -229,18 +229,22 @@ def cmd_bench(args) -> int:
               + "  (the best is the roofline)")
     impls = ("swinx",) + (bench.PEERS if args.compare else ())
     rows = []
-    for mode in args.mode:
+    for mode, dtype in [(m, d) for m in args.mode for d in args.dtype]:
         spec = bench.BenchSpec(model=args.model, batch=args.batch, img_size=args.img_size, mode=mode,
-                               dtype=args.dtype, compile=args.compile, device=args.device, repeats=args.repeats)
-        results = bench.compare(spec, impls, memory=not args.no_memory, roofline=rates[args.dtype])
+                               dtype=dtype, compile=args.compile, device=args.device, repeats=args.repeats)
+        results = bench.compare(spec, impls, memory=not args.no_memory, roofline=rates[dtype])
         rows += [r.row() for r in results]
-        print(f"{mode}: {args.model} batch {spec.batch} at {results[0].img_size}, {args.dtype}"
+        print(f"{mode}: {args.model} batch {spec.batch} at {results[0].img_size}, {dtype}"
               f"{', compiled' if args.compile else ''} (median of {args.repeats} interleaved rounds)")
         for r in results:
             memory = f"{r.peak_memory_mb:6.0f} MB" if r.peak_memory_mb is not None else "     -   "
             print(f"  {r.impl:12s} {r.median_ms:9.1f} ms {r.images_per_second:8.1f} img/s  "
                   f"swinx is {r.speedup_of_swinx:5.2f}x  peak {memory}  |diff| {r.max_abs_diff:.1e}  "
                   f"{100 * r.fraction_of_matmul_peak:5.1f}% of matmul peak")
+    for mode in args.mode:
+        ours = {r["dtype"]: r["median_ms"] for r in rows if r["impl"] == "swinx" and r["mode"] == mode}
+        if len(ours) == 2:
+            print(f"{mode}: swinx bfloat16 is {ours['float32'] / ours['bfloat16']:.2f}x its float32")
     for row in rows:
         row["matmul_gflops"] = rates[row["dtype"]] / 1e9
     if args.json:
@@ -299,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="default: the variant's")
     p.add_argument("--mode", nargs="+", choices=("infer", "train"), default=["infer"],
                    help="inference forward, or a training step (forward, backward, AdamW)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
+    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+                   help="bfloat16: autocast; give both to see our bfloat16 over float32")
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
     p.add_argument("--compare", action="store_true", help="also timm and torchvision, same weights, interleaved")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
