@@ -161,3 +161,30 @@ def test_compile_small_v1_training_gradients_match_eager():
         assert max_diff(got, want) < TOL, name
     # Every parameter got a gradient in both.
     assert all((p.grad is None) == (compiled_params[n].grad is None) for n, p in eager_params.items())
+
+
+# ----- dynamic shapes: one graph for every input size ---------------------------------------------
+# Sizes whose last-stage map stays larger than the window: a map that fits in one window
+# switches to the clamp rule, a different network, and rightly gets a second graph. Some of
+# these sizes need padding at every stage and some at none (e.g. 252 = 7 * 36, 512 = 8 * 64).
+DYNAMIC_SIZES = {1: [(2, 256, 288), (3, 288, 320), (2, 320, 256), (4, 272, 352), (2, 260, 300), (3, 512, 384),
+                     (2, 252, 280)],
+                 2: [(2, 288, 320), (3, 320, 352), (2, 352, 288), (4, 300, 340), (3, 512, 384), (2, 512, 512)]}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_dynamic_compile_never_recompiles_for_a_new_size(version):
+    """Compiled once with dynamic shapes, the model serves new batch sizes, heights and widths
+    (square or not, padded or not) without recompiling: a recompilation raises.
+
+    The eager backend keeps the test fast; recompilation is decided by dynamo's guards, which are
+    the same whatever the backend (swin_t under inductor: see the README's performance notes)."""
+    model = randomize(swinx.create_model("swin_t" if version == 1 else "swinv2_t", **SMALL), seed=version).eval()
+    compiled = torch.compile(model, dynamic=True, backend="eager", fullgraph=True)
+    first, *others = DYNAMIC_SIZES[version]
+    with torch.inference_mode():
+        compiled(images(*first[:1], 3, *first[1:]))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch, h, w in others:
+                x = images(batch, 3, h, w, seed=h + w)
+                assert max_diff(compiled(x), model(x)) < TOL, (h, w)

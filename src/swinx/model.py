@@ -29,7 +29,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
-        pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
+        pad_h, pad_w = -(-x.shape[2] // p) * p - x.shape[2], -(-x.shape[3] // p) * p - x.shape[3]
         if torch.compiler.is_compiling() or pad_h or pad_w:  # no guard on the size when compiled (pad_map)
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', C)
@@ -50,10 +50,10 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = pad_map(x, (H % 2, W % 2))
-        H, W = H + H % 2, W + W % 2
+        H2, W2 = -(-H // 2), -(-W // 2)      # ceil(H / 2), ceil(W / 2)
+        x = pad_map(x, (2 * H2 - H, 2 * W2 - W))
         # Channel order [x(0,0), x(1,0), x(0,1), x(1,1)] as (row, col) offsets: column offset outer.
-        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        x = x.view(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H2, W2, 4 * C)
         if self.version == 1:
             return ops.linear(self.norm(x), self.reduction.weight, None)
         return self.norm(ops.linear(x, self.reduction.weight, None))
@@ -98,10 +98,10 @@ class SwinBlock(nn.Module):
         if self.version == 1:
             x = x + self.drop_path(self.window_attention(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.norm1(self.window_attention(x)))
+        x = x + self.drop_path(self.window_attention(x, post_norm=self.norm1))
         return x + self.drop_path(self.norm2(self.mlp(x)))
 
-    def window_attention(self, x: torch.Tensor, return_attn: bool = False):
+    def window_attention(self, x: torch.Tensor, return_attn: bool = False, post_norm: nn.Module | None = None):
         """Pad, roll, partition, attend, reverse, roll back, crop: (B, H, W, C) -> (B, H, W, C).
 
         The map is padded before the roll so that padding stays at the bottom/right of the
@@ -115,7 +115,13 @@ class SwinBlock(nn.Module):
         out = self.attn(windows, geometry, padded, return_attn)
         windows, attn = out if return_attn else (out, None)
         x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
-        if torch.compiler.is_compiling() or padded != (H, W):
+        if post_norm is not None:   # V2's norm is per token: applied before the crop, on a contiguous map
+            x = post_norm(x)
+        if torch.compiler.is_compiling():
+            # Always crop, into a fresh contiguous map: whether a crop view is contiguous depends
+            # on the size, and asking would make dynamic-shape graphs recompile when it changes.
+            x = x[:, :H, :W].clone(memory_format=torch.contiguous_format)
+        elif padded != (H, W):
             x = x[:, :H, :W]
         return (x, attn) if return_attn else x
 
