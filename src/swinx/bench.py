@@ -385,7 +385,7 @@ def record(rows: list[dict], out_dir, device: torch.device) -> str:
     if not old:
         writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(old + buffer.getvalue()))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(old + buffer.getvalue()))
     return str(path)
 
 

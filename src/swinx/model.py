@@ -15,7 +15,7 @@ from torchvision.ops import StochasticDepth
 from . import ops
 from .attention import WindowAttention
 from .config import SwinConfig
-from .windows import cyclic_shift, pad_map, window_geometry, window_partition, window_reverse
+from .windows import cyclic_shift, pad_map, round_up, window_geometry, window_partition, window_reverse
 
 
 class PatchEmbed(nn.Module):
@@ -29,7 +29,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
-        pad_h, pad_w = -(-x.shape[2] // p) * p - x.shape[2], -(-x.shape[3] // p) * p - x.shape[3]
+        pad_h, pad_w = round_up(x.shape[2], p) - x.shape[2], round_up(x.shape[3], p) - x.shape[3]
         if torch.compiler.is_compiling() or pad_h or pad_w:  # no guard on the size when compiled (pad_map)
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', C)
@@ -50,10 +50,10 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        H2, W2 = -(-H // 2), -(-W // 2)      # ceil(H / 2), ceil(W / 2)
-        x = pad_map(x, (2 * H2 - H, 2 * W2 - W))
+        Hp, Wp = round_up(H, 2), round_up(W, 2)
+        x = pad_map(x, (Hp - H, Wp - W))
         # Channel order [x(0,0), x(1,0), x(0,1), x(1,1)] as (row, col) offsets: column offset outer.
-        x = x.view(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H2, W2, 4 * C)
+        x = x.view(B, Hp // 2, 2, Wp // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, Hp // 2, Wp // 2, 4 * C)
         if self.version == 1:
             return ops.linear(self.norm(x), self.reduction.weight, None)
         return self.norm(ops.linear(x, self.reduction.weight, None))

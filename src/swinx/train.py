@@ -114,9 +114,9 @@ def build_data(cfg: TrainConfig) -> Data:
     return Data(train, val, classes)
 
 
-def data_loader(dataset, batch_size: int, sampler, workers: int, generator=None, drop_last=False) -> DataLoader:
+def data_loader(dataset, batch_size: int, sampler, workers: int, drop_last=False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=D.SkippingCollate(), drop_last=drop_last, generator=generator,
+                      collate_fn=D.SkippingCollate(), drop_last=drop_last,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
@@ -240,8 +240,8 @@ class Trainer:
                              "process; lower --batch-size")
 
         self.global_batch = cfg.batch_size * cfg.accum_steps * ddp.world
-        scale = self.global_batch / 512          # the recipe's learning rates are per 512 images
-        self.lr = cfg.lr * scale
+        self.lr_scale = self.global_batch / 512   # the recipe's learning rates are per 512 images
+        self.lr = cfg.lr * self.lr_scale
         self.mixer = mix_transform(cfg, self.num_classes)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = None
@@ -267,7 +267,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=self.lr,
                                            betas=(0.9, 0.999), eps=1e-8)
-        scale = self.global_batch / 512
+        scale = self.lr_scale
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
             self.lr, cfg.min_lr * scale, cfg.warmup_lr * scale, round(cfg.warmup_epochs * self.steps_per_epoch),
             cfg.epochs * self.steps_per_epoch))

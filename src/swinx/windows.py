@@ -42,10 +42,10 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
     if small_map == "clamp":
         if min(height, width) <= window:
             window, shift = min(height, width), 0
-        pad = (_round_up(height, window) - height, _round_up(width, window) - width)
+        pad = (round_up(height, window) - height, round_up(width, window) - width)
         geometry = WindowGeometry((window, window), (shift, shift), pad)
     elif small_map == "pad":
-        pad = (_round_up(height, window) - height, _round_up(width, window) - width)
+        pad = (round_up(height, window) - height, round_up(width, window) - width)
         shifts = tuple(0 if window >= size + p else shift for size, p in zip((height, width), pad))
         geometry = WindowGeometry((window, window), shifts, pad)
     else:
@@ -53,9 +53,12 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
     return geometry
 
 
-def _round_up(size: int, multiple: int) -> int:
-    # Written as a ceiling division, not with %, so that a symbolic size (torch.compile with
-    # dynamic shapes) gives padded sizes the shape checker can simplify.
+def round_up(size: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` >= size.
+
+    Written as a ceiling division, not with %, so that a symbolic size (torch.compile with
+    dynamic shapes) gives padded sizes the shape checker can simplify.
+    """
     return -(-size // multiple) * multiple
 
 
