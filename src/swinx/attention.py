@@ -10,7 +10,7 @@ from torch import nn
 
 from . import ops
 from .position import log_spaced_coords, relative_position_index
-from .windows import WindowGeometry, shift_mask
+from .windows import MASK_FILL, WindowGeometry, WindowIndex, shift_mask
 
 _MAX_CACHE_ENTRIES = 32
 _MAX_LOGIT_SCALE = math.log(100.0)  # V2 caps the learned temperature at 100
@@ -118,12 +118,34 @@ class WindowAttention(nn.Module):
         key = ("bias", padded, geometry, dtype, self.proj.weight.device, versions, torch.is_inference_mode_enabled())
         return self._cached(key, build, constant=False)
 
+    def indexed_bias(self, index: WindowIndex, window: int) -> torch.Tensor:
+        """(nW, heads, M*M, M*M) additive bias over the slots of `WindowIndex` windows, float32.
+
+        Position bias by slot offset (a clamped window of `window` < M tokens reads the same
+        table entries as the eager model, V2 normalised by its own size), the shift mask
+        (zero for blocks and sizes without shift) and -inf for keys in unused slots.
+        """
+        M, device = self.window_size, self.proj.weight.device
+        index_table = relative_position_index((M, M), None, device)
+        if self.version == 1:
+            table = self.relative_position_bias_table
+        else:
+            pretrained = (self.pretrained_window_size,) * 2
+            table = 16 * torch.sigmoid(self.cpb_mlp(log_spaced_coords((M, M), pretrained, device, (window, window))))
+        N = M * M
+        position = table[index_table.reshape(-1)].reshape(N, N, -1).permute(2, 0, 1).float()  # (heads, N, N)
+        mask = (index.labels[:, :, None] != index.labels[:, None, :]).float() * MASK_FILL  # (nW, N, N)
+        mask = mask.masked_fill(~index.used, float("-inf"))
+        return position[None] + mask[:, None]
+
     # ----- attention -----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, geometry: WindowGeometry, padded: tuple[int, int], return_attn: bool = False):
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry | None = None, padded: tuple[int, int] | None = None,
+                return_attn: bool = False, bias: torch.Tensor | None = None):
         """x: (B, nW, N, C) windows of a padded map cut by `geometry`.
 
         Returns (B, nW, N, C), and with `return_attn` also the attention (B, nW, heads, N, N),
-        which only the exact path computes.
+        which only the exact path computes. `bias` (1 or nW, heads, N, N) replaces the bias
+        and mask of `geometry` (exported graphs, see `indexed_bias`).
         """
         B, nW, N, C = x.shape
         heads, D = self.num_heads, self.head_dim
@@ -137,7 +159,7 @@ class WindowAttention(nn.Module):
             q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
         else:
             scale = D ** -0.5
-        bias = self.attention_bias(geometry, padded, q.dtype)
+        bias = self.attention_bias(geometry, padded, q.dtype) if bias is None else bias.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
 
         attn = None
@@ -145,7 +167,8 @@ class WindowAttention(nn.Module):
         if self.fused and not return_attn and not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             # The mask must be 4-D: PyTorch's fused CPU kernel takes a 4-D mask only and silently
             # falls back to the unfused math (3-4x slower) for a 3-D one.
-            if bias.shape[0] == 1:  # one bias for every window: fold windows into the batch
+            # Exported, the bias always has a row per window (the symbolic mask is always built).
+            if not torch.compiler.is_exporting() and bias.shape[0] == 1:  # one bias for all windows: fold windows into the batch
                 shape, mask = (B * nW, heads, N, D), bias  # mask (1, heads, N, N)
             else:  # a bias per window: fold windows into the heads
                 shape, mask = (B, nW * heads, N, D), bias.reshape(1, nW * heads, N, N)

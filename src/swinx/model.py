@@ -15,7 +15,8 @@ from torchvision.ops import StochasticDepth
 from . import ops
 from .attention import WindowAttention
 from .config import SwinConfig
-from .windows import cyclic_shift, pad_map, round_up, window_geometry, window_partition, window_reverse
+from .windows import (cyclic_shift, pad_map, round_up, window_geometry, window_index, window_partition,
+                      window_reverse)
 
 
 class PatchEmbed(nn.Module):
@@ -107,6 +108,8 @@ class SwinBlock(nn.Module):
         The map is padded before the roll so that padding stays at the bottom/right of the
         unshifted map; rolling first would wrap real tokens next to far-away ones.
         """
+        if torch.compiler.is_exporting() and not return_attn:
+            return self.indexed_window_attention(x, post_norm)
         B, H, W, C = x.shape
         geometry = window_geometry(H, W, self.window_size, self.shift_size, self.small_map)
         padded = (H + geometry.pad[0], W + geometry.pad[1])
@@ -117,13 +120,34 @@ class SwinBlock(nn.Module):
         x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
         if post_norm is not None:   # V2's norm is per token: applied before the crop, on a contiguous map
             x = post_norm(x)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():
+            # Split rather than slice: a slice end is clamped to the size, which needs a guard on
+            # symbolic sizes; the split sizes add up to the padded size by construction.
+            x = x.split((H, geometry.pad[0]), dim=1)[0].split((W, geometry.pad[1]), dim=2)[0]
+            x = x.clone(memory_format=torch.contiguous_format)
+        elif torch.compiler.is_compiling():
             # Always crop, into a fresh contiguous map: whether a crop view is contiguous depends
             # on the size, and asking would make dynamic-shape graphs recompile when it changes.
             x = x[:, :H, :W].clone(memory_format=torch.contiguous_format)
         elif padded != (H, W):
             x = x[:, :H, :W]
         return (x, attn) if return_attn else x
+
+    def indexed_window_attention(self, x: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
+        """`window_attention` as gathers by `WindowIndex`: the same numbers, one graph for every size.
+
+        Exported with symbolic sizes, padding, rolling and the small-map rules would need the
+        sizes in branches and in shapes; here they are only in index arithmetic.
+        """
+        B, H, W, C = x.shape
+        M = self.window_size
+        index = window_index(H, W, M, self.shift_size, self.small_map, x.device)
+        window = window_geometry(H, W, M, self.shift_size, self.small_map).window[0]
+        flat = torch.cat([x.reshape(B, H * W, C), x.new_zeros(B, 1, C)], dim=1)  # the last token is the padding
+        windows = flat.index_select(1, index.gather).view(B, index.num_windows, M * M, C)
+        out = self.attn(windows, bias=self.attn.indexed_bias(index, window))
+        out = out.reshape(B, index.num_windows * M * M, C).index_select(1, index.scatter).view(B, H, W, C)
+        return post_norm(out) if post_norm is not None else out
 
 
 class SwinStage(nn.Module):
@@ -258,7 +282,7 @@ class SwinTransformer(nn.Module):
     def _position_embedding(self, height: int, width: int) -> torch.Tensor:
         gh, gw = self.grid_size
         pos = self.absolute_pos_embed.reshape(1, gh, gw, -1)
-        if (height, width) != (gh, gw):
+        if torch.compiler.is_exporting() or (height, width) != (gh, gw):  # bicubic to the same size is exact
             pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(height, width), mode="bicubic",
                                 align_corners=False).permute(0, 2, 3, 1)
         return pos

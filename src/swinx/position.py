@@ -25,18 +25,18 @@ def relative_position_index(window: tuple[int, int], table_window: tuple[int, in
 
 
 def log_spaced_coords(window: tuple[int, int], pretrained_window: tuple[int, int] = (0, 0),
-                      device: torch.device | None = None) -> torch.Tensor:
+                      device: torch.device | None = None, scale_window: tuple[int, int] | None = None) -> torch.Tensor:
     """V2 continuous position coordinates, ((2wh - 1) * (2ww - 1), 2), rows (dy, dx) in table order.
 
-    Offsets are normalised by the pretrained window (or the window itself) so that a
-    model fine-tuned at a larger window sees the pretrained range at [-1, 1], then
-    spread logarithmically: sign(x) * log2(8|x| + 1) / log2(8).
+    Offsets are normalised by the pretrained window (or the window itself, or
+    `scale_window` when given) so that a model fine-tuned at a larger window sees the
+    pretrained range at [-1, 1], then spread logarithmically: sign(x) * log2(8|x| + 1) / log2(8).
     """
     axes = []
-    for w, p in zip(window, pretrained_window):
+    for w, p, n in zip(window, pretrained_window, scale_window or window):
         offsets = torch.arange(-(w - 1), w, dtype=torch.float32, device=device)
-        scale = p - 1 if p > 0 else w - 1
-        axes.append(offsets / scale if scale > 0 else offsets)
+        scale = p - 1 if p > 0 else n - 1
+        axes.append(offsets / torch.sym_max(scale, 1))  # a one-token window has offset 0 only
     table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) * 8  # (2wh-1, 2ww-1, 2)
     table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
     return table.reshape(-1, 2)

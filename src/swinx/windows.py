@@ -38,28 +38,43 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
     shorter side gets a square window of that side and no shift.
     "pad" (torchvision): the window never changes; the map is padded up to it, and the
     shift turns off along each axis whose padded size the window already covers.
+
+    Written without branches on the sizes (min, max and products instead of `if`), so that
+    an exported graph with symbolic height and width computes the geometry of every input
+    size itself, switching windows and shifts on and off as the eager model does.
     """
     if small_map == "clamp":
-        if min(height, width) <= window:
-            window, shift = min(height, width), 0
+        side = torch.sym_min(height, width)
+        shift = shift * _positive(side - window)  # no shift when one window covers the shorter side
+        window = torch.sym_min(side, window)
         pad = (round_up(height, window) - height, round_up(width, window) - width)
-        geometry = WindowGeometry((window, window), (shift, shift), pad)
-    elif small_map == "pad":
+        return WindowGeometry((window, window), (shift, shift), pad)
+    if small_map == "pad":
         pad = (round_up(height, window) - height, round_up(width, window) - width)
-        shifts = tuple(0 if window >= size + p else shift for size, p in zip((height, width), pad))
-        geometry = WindowGeometry((window, window), shifts, pad)
-    else:
-        raise ValueError(f"small_map must be one of {SMALL_MAP_POLICIES}, got {small_map!r}")
-    return geometry
+        # The padded size is a multiple of the window, so it exceeds the window iff the size does.
+        shifts = (shift * _positive(height - window), shift * _positive(width - window))
+        return WindowGeometry((window, window), shifts, pad)
+    raise ValueError(f"small_map must be one of {SMALL_MAP_POLICIES}, got {small_map!r}")
+
+
+def _positive(n: int) -> int:
+    """1 if n > 0 else 0, as arithmetic (no guard on a symbolic n)."""
+    return torch.sym_min(1, torch.sym_max(0, n))
+
+
+def ceil_div(size: int, divisor: int) -> int:
+    """ceil(size / divisor) for size >= 0, divisor > 0, in integer arithmetic.
+
+    Written with non-negative operands only: torch.onnx turns a symbolic floor division
+    into ONNX's truncating Div, which rounds -(-n // m) the wrong way.
+    """
+    return (size + divisor - 1) // divisor
 
 
 def round_up(size: int, multiple: int) -> int:
-    """The smallest multiple of `multiple` >= size.
-
-    Written as a ceiling division, not with %, so that a symbolic size (torch.compile with
-    dynamic shapes) gives padded sizes the shape checker can simplify.
-    """
-    return -(-size // multiple) * multiple
+    """The smallest multiple of `multiple` >= size (a ceiling division, not %, so that symbolic
+    sizes under torch.compile give padded sizes the shape checker can simplify)."""
+    return ceil_div(size, multiple) * multiple
 
 
 def pad_map(x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
@@ -73,9 +88,16 @@ def pad_map(x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
 
 def cyclic_shift(x: torch.Tensor, shift: tuple[int, int], reverse: bool = False) -> torch.Tensor:
     """Roll a (B, H, W, C) map by -shift (or +shift when reversing) on both spatial axes."""
+    sign = 1 if reverse else -1
+    if torch.compiler.is_exporting():
+        # Exported, the shift is symbolic (zero for some sizes). torch.roll would add guards on
+        # it; gathering rolled indices, out[i] = x[(i - roll) % n], works for every shift.
+        for dim, s in ((1, shift[0]), (2, shift[1])):
+            n = x.shape[dim]
+            x = x.index_select(dim, (torch.arange(n, device=x.device) - sign * s) % n)
+        return x
     if shift[0] == 0 and shift[1] == 0:
         return x
-    sign = 1 if reverse else -1
     return torch.roll(x, shifts=(sign * shift[0], sign * shift[1]), dims=(1, 2))
 
 
@@ -105,7 +127,9 @@ def region_labels(height: int, width: int, window: tuple[int, int], shift: tuple
     """
     def axis_labels(length: int, w: int, s: int) -> torch.Tensor:
         idx = torch.arange(length, device=device)
-        if s == 0:
+        if not torch.compiler.is_exporting() and s == 0:
+            # Exported, s is symbolic: the formula below with s = 0 makes two labels that are
+            # constant in every window, so the mask it gives is zero, as it should be.
             return torch.zeros_like(idx)
         return (idx >= length - w).long() + (idx >= length - s).long()
 
@@ -119,10 +143,66 @@ def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[in
     """Additive attention mask (nW, N, N) for a padded (height, width) map, or None without shift.
 
     Pairs of tokens from different regions get MASK_FILL, pairs from the same region 0.
+    Exported (symbolic sizes) the mask is always built: it is zero for the sizes without shift.
     """
-    if shift[0] == 0 and shift[1] == 0:
+    if not torch.compiler.is_exporting() and shift[0] == 0 and shift[1] == 0:
         return None
     labels = region_labels(height, width, window, shift, device)
     labels = window_partition(labels[None, :, :, None], window)[0, :, :, 0]  # (nW, N)
     different = labels[:, :, None] != labels[:, None, :]  # (nW, N, N)
     return different.float() * MASK_FILL
+
+
+class WindowIndex(NamedTuple):
+    """Pad, roll and partition of one block as index arithmetic, for graphs with symbolic sizes.
+
+    Every window gets M x M slots (M the nominal window); a clamped window of w < M tokens
+    fills the top-left w x w slots and leaves the rest unused. The map is flattened and one
+    zero token appended (the padding), so that `gather` builds the windows and `scatter`
+    reads each token's output back with no shape that depends on the sizes other than
+    the window count.
+    """
+
+    gather: torch.Tensor   # (nW * M * M,) source of each slot in the flattened map + a zero token (nW counts the spare)
+    scatter: torch.Tensor  # (H * W,) slot of each token in the flattened windows
+    labels: torch.Tensor   # (nW, M * M) shifted region of each slot: different labels may not attend
+    used: torch.Tensor     # (M * M,) bool: the slot lies inside the (clamped) window
+    num_windows: int
+
+
+def window_index(height: int, width: int, window: int, shift: int, small_map: str = "clamp",
+                 device: torch.device | None = None) -> WindowIndex:
+    """The `WindowIndex` of a block with nominal `window` and `shift` on an (height, width) map.
+
+    Equivalent to pad_map, cyclic_shift, window_partition and region_labels with
+    `window_geometry`'s choices, including the clamp and pad rules for small maps.
+    """
+    geometry = window_geometry(height, width, window, shift, small_map)
+    w, (sh, sw), M = geometry.window[0], geometry.shift, window
+    rows, cols = ceil_div(height, w), ceil_div(width, w)   # windows along each axis
+    Hp, Wp = rows * w, cols * w                     # the padded map
+    slots = M * M
+    # One spare window at the end, all padding: a window count of 1 (a small last stage) would
+    # otherwise be a special case that symbolic shape checks specialise the exported graph on.
+    num_windows = rows * cols + 1
+    k = torch.arange(num_windows * slots, device=device)
+    win, slot = k // slots, k % slots
+    i, j = slot // M, slot % M
+    r, c = (win // cols) * w + i, _mod(win, cols) * w + j  # the slot's place in the rolled, padded map
+    pr, pc = _mod(r + sh, Hp), _mod(c + sw, Wp)              # where the roll by -shift took it from
+    real = (i < w) & (j < w) & (pr < height) & (pc < width) & (win < rows * cols)
+    gather = torch.where(real, pr * width + pc, height * width)
+    # The nine regions live in rolled coordinates: [0, L - w), [L - w, L - s), [L - s, L) per axis.
+    labels = (((r >= Hp - w).long() + (r >= Hp - sh).long()) * 3
+              + (c >= Wp - w).long() + (c >= Wp - sw).long()).view(num_windows, slots)
+    r0, c0 = torch.arange(height, device=device)[:, None], torch.arange(width, device=device)[None, :]
+    rr, rc = _mod(r0 - sh, Hp), _mod(c0 - sw, Wp)
+    scatter = ((rr // w) * cols + rc // w) * slots + _mod(rr, w) * M + _mod(rc, w)
+    first = torch.arange(slots, device=device)
+    used = (first // M < w) & (first % M < w)
+    return WindowIndex(gather, scatter.reshape(-1), labels, used, num_windows)
+
+
+def _mod(a: torch.Tensor, n: int) -> torch.Tensor:
+    """a % n for n > 0, by floor division: the ONNX exporter cannot take a symbolic n in `%`."""
+    return a - (a // n) * n
