@@ -168,10 +168,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from swinx.inference import load_for_inference, predict
+    from swinx.inference import load_for_inference, predict, predict_onnx
 
-    loaded = load_for_inference(args.checkpoint, args.device)
-    results = predict(loaded, args.images, topk=args.topk)
+    if args.onnx:
+        results = predict_onnx(args.onnx, args.images, topk=args.topk)
+    else:
+        results = predict(load_for_inference(args.checkpoint, args.device), args.images, topk=args.topk)
     failed = sum("error" in r for r in results)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -254,6 +256,73 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from swinx import export
+    from swinx.inference import load_for_inference
+
+    if args.checkpoint:
+        loaded = load_for_inference(args.checkpoint)
+        model, extra = loaded.model, {"input": loaded.input}
+        model.class_names = loaded.class_names
+    else:
+        from swinx.data import IMAGENET_MEAN, IMAGENET_STD
+
+        model = swinx.create_model(args.model)
+        extra = {"input": {"img_size": model.config.img_hw[0], "channels": model.config.in_chans,
+                           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_pct": 0.875,
+                           "interpolation": "bicubic"}}
+    sizes = [_parse_size(s) for s in args.verify_sizes] if args.verify_sizes else None
+    if args.format == "onnx":
+        report = export.export_onnx(model, args.output, opset=args.opset, attention=args.attention, sizes=sizes,
+                                    batches=args.verify_batches, extra_metadata=extra)
+    else:
+        report = export.export_program(model, args.output, attention=args.attention, sizes=sizes,
+                                       batches=args.verify_batches, extra_metadata=extra)
+    print(f"wrote {report.path} ({args.format}, {args.attention} attention, {report.seconds:.1f} s): dynamic batch, "
+          f"height and width {report.min_side}..{export.MAX_SIDE}")
+    runtime = "onnxruntime" if args.format == "onnx" else "torch.export.load"
+    for check in report.checks:
+        print(f"  {runtime} vs PyTorch, {check}")
+    print(f"verified: max |diff| {report.max_abs_diff:.1e} <= {export.TOLERANCE:g} on {len(report.checks)} runs")
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """'224' or '200x312' -> (height, width)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise ValueError(f"size {text!r} is not N or HxW (e.g. 224 or 200x312)")
+    return (parts[0], parts[-1])
+
+
+def cmd_viz(args) -> int:
+    from swinx import viz
+
+    if args.what == "windows":
+        out = viz.draw_windows(args.image, args.out, args.model, size=args.size, small_map=args.small_map,
+                               dpi=args.dpi)
+    elif args.what == "mask":
+        out = viz.draw_mask(args.out, args.model, size=args.size, stage=args.stage, small_map=args.small_map,
+                            dpi=args.dpi)
+    elif args.what == "attention":
+        out = viz.draw_attention(args.checkpoint, args.image, args.out, stage=args.stage, block=args.block,
+                                 head=None if args.all_heads else args.head,
+                                 query=tuple(args.query) if args.query else None, size=args.size,
+                                 interpolation=args.interpolation, dpi=args.dpi)
+    elif args.what == "bias":
+        out = viz.draw_bias(args.checkpoint, args.out, stage=args.stage, block=args.block, dpi=args.dpi)
+    else:
+        print(viz.model_summary(args.name, args.size, name=args.name), end="")
+        if not args.out:
+            return 0
+        out = viz.draw_model(args.name, args.out, size=args.size, name=args.name, dpi=args.dpi)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinx", description="Swin Transformer V1/V2 tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of image files")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file or run directory")
+    source.add_argument("--onnx", help="ONNX file from `swinx export`, run with onnxruntime")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, ...; any size and mode)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -322,6 +393,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int)
     p.add_argument("--counted", action="store_true", help="also count with torch.utils.flop_counter")
     p.set_defaults(run=cmd_flops)
+
+    from swinx.export import ATTENTION, FORMATS
+
+    p = sub.add_parser("export", help="ONNX or torch.export program for any input size, verified after writing")
+    p.add_argument("output", help="file to write (.onnx, or .pt2 for torch-export)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file or run directory (any layout)")
+    source.add_argument("--model", help="a variant with fresh random weights (e.g. swin_t), for trying the graph")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later; 23 has the Attention operator)")
+    p.add_argument("--attention", choices=ATTENTION, default="fused",
+                   help="fused: scaled_dot_product_attention (ONNX Attention from opset 23); "
+                        "exact: explicit softmax(q k^T + bias) v")
+    p.add_argument("--verify-sizes", nargs="+", metavar="HxW",
+                   help="sizes to check after export (default, for a model of size s: s, 8s/7, 25s/28x39s/28, 12s/7)")
+    p.add_argument("--verify-batches", type=int, nargs="+", default=[1, 5], metavar="B")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("viz", help="pictures of the inside: windows, shift masks, attention, position bias, summary",
+                       description="Stages are numbered from 1 (as in the paper); blocks, heads and token "
+                                   "positions from 0.")
+    views = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    size = dict(type=int, nargs=2, metavar=("H", "W"))
+    v = views.add_parser("windows", help="the image with every stage's token and window grids, regular and shifted")
+    v.add_argument("image", help="image file (any size; drawn at its own size unless --size)")
+    v.add_argument("--model", default="swin_t", help="variant or alias whose geometry to draw")
+    v.add_argument("--size", **size, help="resize the image to H W first")
+    v.add_argument("--small-map", choices=("clamp", "pad"), help="small-map rule (default: the model's)")
+    v.add_argument("--out", required=True, help="PNG to write")
+    v.add_argument("--dpi", type=int, default=120)
+    v = views.add_parser("mask", help="a stage's shifted-window attention mask (which tokens may attend to which)")
+    v.add_argument("--model", default="swin_t", help="variant or alias")
+    v.add_argument("--size", **size, help="input image size (default: the model's)")
+    v.add_argument("--stage", type=int, default=1, help="stage, from 1 (default 1)")
+    v.add_argument("--small-map", choices=("clamp", "pad"), help="small-map rule (default: the model's)")
+    v.add_argument("--out", required=True, help="PNG to write")
+    v.add_argument("--dpi", type=int, default=130)
+    v = views.add_parser("attention", help="a block's attention maps stitched back onto the image")
+    v.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (any layout)")
+    v.add_argument("image", help="image file, run at its own size (or --size)")
+    v.add_argument("--stage", type=int, default=1, help="stage, from 1 (default 1)")
+    v.add_argument("--block", type=int, default=0, help="block in the stage, from 0; odd blocks shift (default 0)")
+    heads = v.add_mutually_exclusive_group()
+    heads.add_argument("--head", type=int, default=0, help="head, from 0 (default 0)")
+    heads.add_argument("--all-heads", action="store_true", help="every head of the block, in a grid")
+    v.add_argument("--query", type=int, nargs=2, metavar=("ROW", "COL"),
+                   help="token row and column (from 0) in the stage's map; default: the mean attention each "
+                        "token receives from its window")
+    v.add_argument("--size", **size, help="resize the image to H W first")
+    v.add_argument("--interpolation", choices=("nearest", "bilinear"), default="nearest",
+                   help="token map to pixels (default nearest: one flat square per token)")
+    v.add_argument("--out", required=True, help="PNG to write")
+    v.add_argument("--dpi", type=int, default=130)
+    v = views.add_parser("bias", help="each head's relative position bias as a (2M-1)x(2M-1) image")
+    v.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (any layout)")
+    v.add_argument("--stage", type=int, default=1, help="stage, from 1 (default 1)")
+    v.add_argument("--block", type=int, default=0, help="block in the stage, from 0 (default 0)")
+    v.add_argument("--out", required=True, help="PNG to write")
+    v.add_argument("--dpi", type=int, default=130)
+    v = views.add_parser("model", help="architecture summary: stages, maps, windows, shifts, params, GMACs")
+    v.add_argument("name", help="variant or alias (swin_t, swinv2_t, swin_base_patch4_window12_384, ...)")
+    v.add_argument("--size", **size, help="input image size (default: the model's)")
+    v.add_argument("--out", help="also draw it as a PNG")
+    v.add_argument("--dpi", type=int, default=130)
+    p.set_defaults(run=cmd_viz)
 
     p = sub.add_parser("demo", help="smoke demo: any input size, every checkpoint layout")
     p.add_argument("--model", default="swin_t")

@@ -65,7 +65,11 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
 
 
 def transform_for(loaded: Loaded):
-    s = loaded.input
+    return transform_for_spec(loaded.input)
+
+
+def transform_for_spec(s: dict):
+    """The validation preprocessing that an input spec (a checkpoint's metadata) describes."""
     return D.eval_transform(s["img_size"], s["mean"], s["std"], crop_pct=s["crop_pct"],
                             interpolation=s["interpolation"])
 
@@ -73,27 +77,52 @@ def transform_for(loaded: Loaded):
 @torch.inference_mode()
 def predict(loaded: Loaded, images: list[str | os.PathLike], topk: int = 5, batch_size: int = 32) -> list[dict]:
     """Top-k classes for each image file; an unreadable file gets an `error` entry instead."""
-    transform = transform_for(loaded)
     device = next(loaded.model.parameters()).device
-    k = min(topk, len(loaded.class_names))
+    return _predict(lambda batch: loaded.model(batch.to(device)), loaded.input, loaded.class_names, images, topk,
+                    batch_size)
+
+
+def predict_onnx(path: str | os.PathLike, images: list[str | os.PathLike], topk: int = 5,
+                 batch_size: int = 32) -> list[dict]:
+    """`predict` with an ONNX file from `swinx export`: onnxruntime runs the network, and the
+    preprocessing and class names come from the file's metadata."""
+    from .export import ExportError, onnx_session, read_onnx_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX file {path} does not exist")
+    session = onnx_session(path)
+    info = read_onnx_metadata(session)
+    if "input" not in info:
+        raise ExportError(f"{path} has no swinx metadata (preprocessing, classes): export it with `swinx export`")
+    classes = info.get("class_names") or [f"class {i}" for i in range(session.get_outputs()[0].shape[-1])]
+    name = session.get_inputs()[0].name
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+
+    return _predict(run, info["input"], classes, images, topk, batch_size)
+
+
+def _predict(run, spec: dict, class_names: list[str], images, topk: int, batch_size: int) -> list[dict]:
+    transform = transform_for_spec(spec)
+    k = min(topk, len(class_names))
     results: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
 
     def flush():
         if not pending:
             return
-        batch = torch.stack([t for _, t in pending]).to(device)
-        probs = loaded.model(batch).float().softmax(-1)
+        probs = run(torch.stack([t for _, t in pending])).float().softmax(-1)
         values, indices = probs.topk(k, dim=-1)
         for (slot, _), v, ix in zip(pending, values.tolist(), indices.tolist()):
-            results[slot]["top"] = [{"class": loaded.class_names[i], "index": i, "probability": p}
-                                    for p, i in zip(v, ix)]
+            results[slot]["top"] = [{"class": class_names[i], "index": i, "probability": p} for p, i in zip(v, ix)]
         pending.clear()
 
     for path in images:
         results.append({"image": str(path)})
         try:
-            image = D.open_image(path, loaded.input["channels"])
+            image = D.open_image(path, spec["channels"])
         except FileNotFoundError:
             results[-1]["error"] = "file does not exist"
             continue
