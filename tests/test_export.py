@@ -219,7 +219,7 @@ def test_predict_onnx_bad_files(tmp_path, capsys):
 
 
 def test_failed_verification_leaves_the_old_file(tmp_path, monkeypatch):
-    import swinx.export as export
+    from swinx import export
 
     out = tmp_path / "m.onnx"
     out.write_bytes(b"previous export")
