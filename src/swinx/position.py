@@ -36,7 +36,8 @@ def log_spaced_coords(window: tuple[int, int], pretrained_window: tuple[int, int
     for w, p, n in zip(window, pretrained_window, scale_window or window):
         offsets = torch.arange(-(w - 1), w, dtype=torch.float32, device=device)
         scale = p - 1 if p > 0 else n - 1
-        axes.append(offsets / torch.sym_max(scale, 1))  # a one-token window has offset 0 only
+        # A one-token window has offset 0 only: divide by 1. (sym_max: no guard on a symbolic size.)
+        axes.append(offsets / (torch.sym_max(scale, 1) if isinstance(scale, torch.SymInt) else max(scale, 1)))
     table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) * 8  # (2wh-1, 2ww-1, 2)
     table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
     return table.reshape(-1, 2)

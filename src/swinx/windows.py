@@ -44,9 +44,9 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
     size itself, switching windows and shifts on and off as the eager model does.
     """
     if small_map == "clamp":
-        side = torch.sym_min(height, width)
+        side = _min(height, width)
         shift = shift * _positive(side - window)  # no shift when one window covers the shorter side
-        window = torch.sym_min(side, window)
+        window = _min(side, window)
         pad = (round_up(height, window) - height, round_up(width, window) - width)
         return WindowGeometry((window, window), (shift, shift), pad)
     if small_map == "pad":
@@ -57,9 +57,20 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
     raise ValueError(f"small_map must be one of {SMALL_MAP_POLICIES}, got {small_map!r}")
 
 
+def _symbolic(*values) -> bool:
+    return any(isinstance(v, torch.SymInt) for v in values)
+
+
+def _min(a: int, b: int) -> int:
+    """min(a, b); symbolic (torch.export, torch.compile) without a guard."""
+    return torch.sym_min(a, b) if _symbolic(a, b) else min(a, b)
+
+
 def _positive(n: int) -> int:
-    """1 if n > 0 else 0, as arithmetic (no guard on a symbolic n)."""
-    return torch.sym_min(1, torch.sym_max(0, n))
+    """1 if n > 0 else 0; symbolic without a guard. (jit.trace gives tensor sizes: plain Python.)"""
+    if _symbolic(n):
+        return torch.sym_min(1, torch.sym_max(0, n))
+    return 1 if n > 0 else 0
 
 
 def ceil_div(size: int, divisor: int) -> int:
