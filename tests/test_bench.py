@@ -375,3 +375,20 @@ def test_scaling_rows(monkeypatch):
         assert r["global_gmacs"] * 1e9 == pytest.approx(total_macs(glob, r["img_size"]))
         assert r["swin_ms"] > 0
     assert rows[0]["global_ms"] > 0 and rows[1]["global_ms"] is None     # beyond measured_global_max
+
+
+def test_onnxruntime_implementation_runs_our_export(tmp_path):
+    torch.manual_seed(0)
+    model = swinx.SwinTransformer(swinx.SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7,
+                                                   img_size=56, num_classes=4)).eval()
+    net = bench.build("onnxruntime", model, "small")
+    x = torch.randn(3, 3, 40, 70)
+    with torch.no_grad():
+        assert (net(x) - model(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change", [{"mode": "train"}, {"dtype": "bfloat16"}, {"compile": True}])
+def test_onnxruntime_only_for_float32_cpu_inference(change):
+    spec = bench.BenchSpec(model="swin_t", batch=1, img_size=64, **change)
+    with pytest.raises(ValueError, match="onnxruntime is benchmarked for float32 inference"):
+        bench.compare(spec, ("swinx", "onnxruntime"), memory=False)

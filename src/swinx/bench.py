@@ -108,10 +108,31 @@ def build(impl: str, model: SwinTransformer, name: str) -> torch.nn.Module:
         if name not in TORCHVISION_NAMES:
             raise ValueError(f"no torchvision counterpart of {name}; known: {sorted(TORCHVISION_NAMES)}")
         peer = getattr(torchvision.models, TORCHVISION_NAMES[name])(num_classes=model.num_classes)
+    elif impl == "onnxruntime":
+        return OnnxRuntimeModel(model)
     else:
-        raise ValueError(f"unknown implementation {impl!r}; choose swinx, timm or torchvision")
+        raise ValueError(f"unknown implementation {impl!r}; choose swinx, timm, torchvision or onnxruntime")
     peer.load_state_dict(export_state_dict(model, impl), strict=True)
     return peer
+
+
+class OnnxRuntimeModel(torch.nn.Module):
+    """`model` exported by `swinx.export.export_onnx` and run by onnxruntime on the CPU (inference only)."""
+
+    def __init__(self, model: SwinTransformer):
+        import tempfile
+
+        from .export import export_onnx, onnx_session
+
+        super().__init__()
+        with tempfile.TemporaryDirectory() as folder:
+            path = f"{folder}/model.onnx"
+            side = model.config.img_hw[0]
+            export_onnx(model, path, sizes=[(side, side)], batches=(1,))
+            self.session = onnx_session(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"x": x.detach().cpu().float().numpy()})[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +286,9 @@ def compare(spec: BenchSpec, impls: tuple[str, ...] = ("swinx",), memory: bool =
     size = spec.img_size or model.config.img_hw[0]
     x = torch.randn(spec.batch, model.config.in_chans, size, size, device=device)
     labels = torch.randint(0, model.num_classes, (spec.batch,), device=device)
+    if "onnxruntime" in impls and (spec.mode != "infer" or spec.dtype != "float32" or spec.compile
+                                   or device.type != "cpu"):
+        raise ValueError("onnxruntime is benchmarked for float32 inference on the CPU only, without --compile")
     nets = {impl: build(impl, model, spec.model).to(device) for impl in impls}
 
     reference = None
@@ -293,7 +317,8 @@ def compare(spec: BenchSpec, impls: tuple[str, ...] = ("swinx",), memory: bool =
             compiled=spec.compile, device=device_name(device), threads=torch.get_num_threads(),
             torch=torch.__version__, median_ms=median * 1e3, images_per_second=images,
             rounds_ms=[t * 1e3 for t in rounds[impl]], speedup_of_swinx=median / ours,
-            peak_memory_mb=(None if not memory else cuda_peak_memory(fns[impl], device) if device.type == "cuda"
+            peak_memory_mb=(None if not memory or impl == "onnxruntime"  # its child would measure the export
+                            else cuda_peak_memory(fns[impl], device) if device.type == "cuda"
                             else process_peak_rss(spec, impl)), max_abs_diff=diffs[impl],
             gmacs_per_image=gmacs, fraction_of_matmul_peak=flops_rate / roofline if roofline else None))
     return results

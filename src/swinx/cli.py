@@ -229,7 +229,7 @@ def cmd_bench(args) -> int:
         rates[name] = max(kernels.values())
         print(f"  dense matmul {name}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in kernels.items())
               + "  (the best is the roofline)")
-    impls = ("swinx",) + (bench.PEERS if args.compare else ())
+    impls = ("swinx",) + (bench.PEERS if args.compare else ()) + (("onnxruntime",) if args.onnx else ())
     rows = []
     for mode, dtype in [(m, d) for m in args.mode for d in args.dtype]:
         spec = bench.BenchSpec(model=args.model, batch=args.batch, img_size=args.img_size, mode=mode,
@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16: autocast; give both to see our bfloat16 over float32")
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
     p.add_argument("--compare", action="store_true", help="also timm and torchvision, same weights, interleaved")
+    p.add_argument("--onnx", action="store_true",
+                   help="also our ONNX export in onnxruntime (float32 inference on the CPU; exports first, ~40 s)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-memory", action="store_true",
