@@ -122,7 +122,7 @@ def test_peers_compute_the_same_function(impl, swin_t_randomized):
 
 
 def test_build_rejects_unknown_implementations_and_names(swin_t_randomized):
-    with pytest.raises(ValueError, match="unknown implementation 'tf'.*swinx, timm or torchvision"):
+    with pytest.raises(ValueError, match="unknown implementation 'tf'.*swinx, timm, torchvision or onnxruntime"):
         bench.build("tf", swin_t_randomized, "swin_t")
     with pytest.raises(ValueError, match="no timm counterpart of swin_x.*swin_t"):
         bench.build("timm", swin_t_randomized, "swin_x")
