@@ -118,10 +118,10 @@ class WindowAttention(nn.Module):
         key = ("bias", padded, geometry, dtype, self.proj.weight.device, versions, torch.is_inference_mode_enabled())
         return self._cached(key, build, constant=False)
 
-    def indexed_bias(self, index: WindowIndex, window: int) -> torch.Tensor:
+    def indexed_bias(self, index: WindowIndex) -> torch.Tensor:
         """(nW, heads, M*M, M*M) additive bias over the slots of `WindowIndex` windows, float32.
 
-        Position bias by slot offset (a clamped window of `window` < M tokens reads the same
+        Position bias by slot offset (a clamped window of w < M tokens reads the same
         table entries as the eager model, V2 normalised by its own size), the shift mask
         (zero for blocks and sizes without shift) and -inf for keys in unused slots.
         """
@@ -131,7 +131,7 @@ class WindowAttention(nn.Module):
             table = self.relative_position_bias_table
         else:
             pretrained = (self.pretrained_window_size,) * 2
-            table = 16 * torch.sigmoid(self.cpb_mlp(log_spaced_coords((M, M), pretrained, device, (window, window))))
+            table = 16 * torch.sigmoid(self.cpb_mlp(log_spaced_coords((M, M), pretrained, device, (index.window,) * 2)))
         N = M * M
         position = table[index_table.reshape(-1)].reshape(N, N, -1).permute(2, 0, 1).float()  # (heads, N, N)
         mask = (index.labels[:, :, None] != index.labels[:, None, :]).float() * MASK_FILL  # (nW, N, N)
@@ -167,7 +167,7 @@ class WindowAttention(nn.Module):
         if self.fused and not return_attn and not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             # The mask must be 4-D: PyTorch's fused CPU kernel takes a 4-D mask only and silently
             # falls back to the unfused math (3-4x slower) for a 3-D one.
-            # Exported, the bias always has a row per window (the symbolic mask is always built).
+            # Exported, the bias has a row per window (`indexed_bias`); asking would guard on the size.
             if not torch.compiler.is_exporting() and bias.shape[0] == 1:  # one bias for all windows: fold windows into the batch
                 shape, mask = (B * nW, heads, N, D), bias  # mask (1, heads, N, N)
             else:  # a bias per window: fold windows into the heads

@@ -258,19 +258,15 @@ def cmd_bench(args) -> int:
 
 def cmd_export(args) -> int:
     from swinx import export
-    from swinx.inference import load_for_inference
+    from swinx.inference import default_input_spec, load_for_inference
 
     if args.checkpoint:
         loaded = load_for_inference(args.checkpoint)
         model, extra = loaded.model, {"input": loaded.input}
         model.class_names = loaded.class_names
     else:
-        from swinx.data import IMAGENET_MEAN, IMAGENET_STD
-
         model = swinx.create_model(args.model)
-        extra = {"input": {"img_size": model.config.img_hw[0], "channels": model.config.in_chans,
-                           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_pct": 0.875,
-                           "interpolation": "bicubic"}}
+        extra = {"input": default_input_spec(model.config)}
     sizes = [_parse_size(s) for s in args.verify_sizes] if args.verify_sizes else None
     if args.format == "onnx":
         report = export.export_onnx(model, args.output, opset=args.opset, attention=args.attention, sizes=sizes,

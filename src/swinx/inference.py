@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +55,19 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         model = SwinTransformer(infer_config(state, layout))
         load_checkpoint(model, state, layout=layout)
         model.class_names, spec, train_config = None, None, None
-    config = model.config
-    if spec is None:
-        spec = {"img_size": config.img_hw[0], "channels": config.in_chans,
-                "mean": list(D.IMAGENET_MEAN if config.in_chans == 3 else D.MNIST_MEAN * config.in_chans),
-                "std": list(D.IMAGENET_STD if config.in_chans == 3 else D.MNIST_STD * config.in_chans),
-                "crop_pct": 0.875, "interpolation": "bicubic"}
+    spec = spec or default_input_spec(model.config)
     names = model.class_names or [f"class {i}" for i in range(model.num_classes)]
     return Loaded(model.to(device).eval(), list(names), spec, train_config, path)
+
+
+def default_input_spec(config) -> dict:
+    """The preprocessing of a checkpoint that does not record its own: ImageNet statistics
+    for RGB models (MNIST's for others), resize to size / 0.875, centre crop, bicubic."""
+    rgb = config.in_chans == 3
+    return {"img_size": config.img_hw[0], "channels": config.in_chans,
+            "mean": list(D.IMAGENET_MEAN if rgb else D.MNIST_MEAN * config.in_chans),
+            "std": list(D.IMAGENET_STD if rgb else D.MNIST_STD * config.in_chans),
+            "crop_pct": 0.875, "interpolation": "bicubic"}
 
 
 def transform_for(loaded: Loaded):
@@ -201,7 +207,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     result = evaluate(loaded.model, loader, len(loaded.class_names), torch.device(device))
     if result["count"] == 0:
         raise D.DataError(f"no readable images in {where}")
-    per_class = {name: acc for name, acc in zip(loaded.class_names, result["per_class"]) if acc == acc}  # not NaN
+    per_class = {name: acc for name, acc in zip(loaded.class_names, result["per_class"]) if not math.isnan(acc)}
     report = {"checkpoint": str(loaded.path), "data": where, "images": result["count"],
               "skipped_images": result["skipped"], "loss": result["loss"], "acc1": result["acc1"],
               "acc5": result["acc5"], "per_class_acc1": per_class}

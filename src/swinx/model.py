@@ -110,7 +110,7 @@ class SwinBlock(nn.Module):
         """
         if torch.compiler.is_exporting() and not return_attn:
             return self.indexed_window_attention(x, post_norm)
-        B, H, W, C = x.shape
+        H, W = x.shape[1:3]
         geometry = window_geometry(H, W, self.window_size, self.shift_size, self.small_map)
         padded = (H + geometry.pad[0], W + geometry.pad[1])
         x = cyclic_shift(pad_map(x, geometry.pad), geometry.shift)
@@ -120,12 +120,7 @@ class SwinBlock(nn.Module):
         x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
         if post_norm is not None:   # V2's norm is per token: applied before the crop, on a contiguous map
             x = post_norm(x)
-        if torch.compiler.is_exporting():
-            # Split rather than slice: a slice end is clamped to the size, which needs a guard on
-            # symbolic sizes; the split sizes add up to the padded size by construction.
-            x = x.split((H, geometry.pad[0]), dim=1)[0].split((W, geometry.pad[1]), dim=2)[0]
-            x = x.clone(memory_format=torch.contiguous_format)
-        elif torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             # Always crop, into a fresh contiguous map: whether a crop view is contiguous depends
             # on the size, and asking would make dynamic-shape graphs recompile when it changes.
             x = x[:, :H, :W].clone(memory_format=torch.contiguous_format)
@@ -142,10 +137,9 @@ class SwinBlock(nn.Module):
         B, H, W, C = x.shape
         M = self.window_size
         index = window_index(H, W, M, self.shift_size, self.small_map, x.device)
-        window = window_geometry(H, W, M, self.shift_size, self.small_map).window[0]
         flat = torch.cat([x.reshape(B, H * W, C), x.new_zeros(B, 1, C)], dim=1)  # the last token is the padding
         windows = flat.index_select(1, index.gather).view(B, index.num_windows, M * M, C)
-        out = self.attn(windows, bias=self.attn.indexed_bias(index, window))
+        out = self.attn(windows, bias=self.attn.indexed_bias(index))
         out = out.reshape(B, index.num_windows * M * M, C).index_select(1, index.scatter).view(B, H, W, C)
         return post_norm(out) if post_norm is not None else out
 

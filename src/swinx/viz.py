@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import SwinConfig
-from .windows import WindowGeometry, cyclic_shift, region_labels, window_geometry, window_partition, window_reverse
+from .windows import (WindowGeometry, ceil_div, cyclic_shift, region_labels, window_geometry, window_partition,
+                      window_reverse)
 
 __all__ = ["BlockAttention", "StageLayout", "WindowKind", "bias_images", "block_attention", "draw_attention",
            "draw_bias", "draw_mask", "draw_model", "draw_windows", "load_image", "model_summary", "stage_layouts",
@@ -168,11 +169,11 @@ def stage_layouts(config: SwinConfig, img_size: int | tuple[int, int] | None = N
     """
     H, W = _size(img_size, config.img_hw)
     p, M = config.patch_size, config.window_size
-    h, w = -(-H // p), -(-W // p)
+    h, w = ceil_div(H, p), ceil_div(W, p)
     layouts = []
     for i in range(len(config.depths)):
         if i:
-            h, w = -(-h // 2), -(-w // 2)
+            h, w = ceil_div(h, 2), ceil_div(w, 2)
         layouts.append(StageLayout(i + 1, h, w, p * 2 ** i, M, window_geometry(h, w, M, 0, config.small_map),
                                    window_geometry(h, w, M, M // 2, config.small_map)))
     return layouts

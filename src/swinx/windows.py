@@ -99,16 +99,9 @@ def pad_map(x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
 
 def cyclic_shift(x: torch.Tensor, shift: tuple[int, int], reverse: bool = False) -> torch.Tensor:
     """Roll a (B, H, W, C) map by -shift (or +shift when reversing) on both spatial axes."""
-    sign = 1 if reverse else -1
-    if torch.compiler.is_exporting():
-        # Exported, the shift is symbolic (zero for some sizes). torch.roll would add guards on
-        # it; gathering rolled indices, out[i] = x[(i - roll) % n], works for every shift.
-        for dim, s in ((1, shift[0]), (2, shift[1])):
-            n = x.shape[dim]
-            x = x.index_select(dim, (torch.arange(n, device=x.device) - sign * s) % n)
-        return x
     if shift[0] == 0 and shift[1] == 0:
         return x
+    sign = 1 if reverse else -1
     return torch.roll(x, shifts=(sign * shift[0], sign * shift[1]), dims=(1, 2))
 
 
@@ -138,9 +131,7 @@ def region_labels(height: int, width: int, window: tuple[int, int], shift: tuple
     """
     def axis_labels(length: int, w: int, s: int) -> torch.Tensor:
         idx = torch.arange(length, device=device)
-        if not torch.compiler.is_exporting() and s == 0:
-            # Exported, s is symbolic: the formula below with s = 0 makes two labels that are
-            # constant in every window, so the mask it gives is zero, as it should be.
+        if s == 0:
             return torch.zeros_like(idx)
         return (idx >= length - w).long() + (idx >= length - s).long()
 
@@ -154,9 +145,8 @@ def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[in
     """Additive attention mask (nW, N, N) for a padded (height, width) map, or None without shift.
 
     Pairs of tokens from different regions get MASK_FILL, pairs from the same region 0.
-    Exported (symbolic sizes) the mask is always built: it is zero for the sizes without shift.
     """
-    if not torch.compiler.is_exporting() and shift[0] == 0 and shift[1] == 0:
+    if shift[0] == 0 and shift[1] == 0:
         return None
     labels = region_labels(height, width, window, shift, device)
     labels = window_partition(labels[None, :, :, None], window)[0, :, :, 0]  # (nW, N)
@@ -179,6 +169,7 @@ class WindowIndex(NamedTuple):
     labels: torch.Tensor   # (nW, M * M) shifted region of each slot: different labels may not attend
     used: torch.Tensor     # (M * M,) bool: the slot lies inside the (clamped) window
     num_windows: int
+    window: int            # the window actually used (M, or the clamped w)
 
 
 def window_index(height: int, width: int, window: int, shift: int, small_map: str = "clamp",
@@ -211,7 +202,7 @@ def window_index(height: int, width: int, window: int, shift: int, small_map: st
     scatter = ((rr // w) * cols + rc // w) * slots + _mod(rr, w) * M + _mod(rc, w)
     first = torch.arange(slots, device=device)
     used = (first // M < w) & (first % M < w)
-    return WindowIndex(gather, scatter.reshape(-1), labels, used, num_windows)
+    return WindowIndex(gather, scatter.reshape(-1), labels, used, num_windows, w)
 
 
 def _mod(a: torch.Tensor, n: int) -> torch.Tensor:
