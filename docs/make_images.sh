@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 from skimage.data import chelsea
 
-from swinx.data import mnist5k
+from swinx.classification.data import mnist5k
 
 work = Path(sys.argv[1])
 Image.fromarray(chelsea()).save(work / "chelsea.png")

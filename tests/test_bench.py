@@ -17,7 +17,8 @@ import torch
 
 import swinx
 from helpers import one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
-from swinx import bench, flops
+from swinx.tools import bench
+from swinx.tools import flops
 from swinx.cli import main
 
 TINY = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
@@ -272,7 +273,7 @@ def test_interleaved_repeats_calls_to_fill_a_round(monkeypatch):
 def test_matmul_rate_measures_each_kernel():
     rates = bench.matmul_rate(torch.float32, "cpu", n=128, repeats=1)
     assert "torch.mm" in rates and all(r > 0 and math.isfinite(r) for r in rates.values())
-    from swinx import ops
+    from swinx.model import ops
     assert ("oneDNN" in rates) == ops.HAS_ONEDNN_LINEAR
 
 

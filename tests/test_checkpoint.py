@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import swinx
 from helpers import SMALL, randomize
 from swinx import CheckpointError, export_state_dict, load_checkpoint, load_model, save_model
-from swinx.checkpoint import IMAGENET_22K_CLASSES, atomic_write, imagenet_22k_to_1k
+from swinx.weights.checkpoint import IMAGENET_22K_CLASSES, atomic_write, imagenet_22k_to_1k
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 CASES = json.loads((FIXTURES / "cases.json").read_text())
@@ -187,7 +187,7 @@ def test_layout_round_trip(version, layout):
         assert report.small_map is None and target.small_map == "clamp"
     if layout in ("official", "torchvision"):
         assert report.ignored_buffers, "the persisted derived buffers should be reported as ignored"
-        assert all(k.rsplit(".", 1)[-1] in swinx.layouts.DERIVED_BUFFERS for k in report.ignored_buffers)
+        assert all(k.rsplit(".", 1)[-1] in swinx.weights.layouts.DERIVED_BUFFERS for k in report.ignored_buffers)
     else:
         assert report.ignored_buffers == []
     assert report.head == "loaded"
@@ -202,9 +202,9 @@ def test_layout_round_trip(version, layout):
 def test_detect_layout_swinx_vs_official():
     model = small(1)
     ours = model.state_dict()
-    assert swinx.layouts.detect_layout(ours) == "swinx"
-    assert swinx.layouts.detect_layout(ours, wrapped=True) == "official"
-    assert swinx.layouts.detect_layout(export_state_dict(model, "official")) == "official"
+    assert swinx.weights.layouts.detect_layout(ours) == "swinx"
+    assert swinx.weights.layouts.detect_layout(ours, wrapped=True) == "official"
+    assert swinx.weights.layouts.detect_layout(export_state_dict(model, "official")) == "official"
     assert load_checkpoint(small(1, seed=1), {"model": ours}).layout == "official"
 
 
@@ -528,7 +528,7 @@ def test_official_fixture_export_is_exact(case):
     model = swinx.SwinTransformer(config).eval()
     report = load_checkpoint(model, FIXTURES / f"{case}.pth")
     assert report.layout == "official"
-    buffers = {k for k in official if k.rsplit(".", 1)[-1] in swinx.layouts.DERIVED_BUFFERS}
+    buffers = {k for k in official if k.rsplit(".", 1)[-1] in swinx.weights.layouts.DERIVED_BUFFERS}
     assert any(k.endswith("relative_position_index") for k in buffers)
     assert any(k.endswith("attn_mask") for k in buffers)
     assert (io["kind"] == "v2") == any(k.endswith("relative_coords_table") for k in buffers)
@@ -580,7 +580,7 @@ def test_save_model_failure_keeps_old_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(swinx.checkpoint, "save_file", broken)
+    monkeypatch.setattr(swinx.weights.checkpoint, "save_file", broken)
     with pytest.raises(OSError):
         save_model(small(1, seed=2), path)
     assert path.read_bytes() == before

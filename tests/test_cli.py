@@ -9,7 +9,7 @@ import torch
 
 import swinx
 from swinx.cli import main
-from swinx.layouts import infer_config
+from swinx.weights.layouts import infer_config
 from helpers import SMALL, randomize
 
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 import swinx
 from swinx.cli import main
-from swinx.export import (ExportError, default_sizes, export_onnx, export_program, min_side, onnx_session,
+from swinx.tools.export import (ExportError, default_sizes, export_onnx, export_program, min_side, onnx_session,
                           read_onnx_metadata, read_program_metadata)
-from swinx.windows import window_geometry, window_index
+from swinx.model.windows import window_geometry, window_index
 
 from helpers import one_thread, randomize  # noqa: F401
 
@@ -219,7 +219,7 @@ def test_predict_onnx_bad_files(tmp_path, capsys):
 
 
 def test_failed_verification_leaves_the_old_file(tmp_path, monkeypatch):
-    from swinx import export
+    from swinx.tools import export
 
     out = tmp_path / "m.onnx"
     out.write_bytes(b"previous export")

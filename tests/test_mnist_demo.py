@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from swinx.data import mnist5k
+from swinx.classification.data import mnist5k
 
 pytestmark = pytest.mark.slow
 

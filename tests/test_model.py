@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import swinx
-import swinx.attention
+import swinx.model.attention
 from helpers import SMALL, max_diff, randomize
-from swinx.windows import shift_mask
+from swinx.model.windows import shift_mask
 
 
 def small(version: int = 1, **overrides) -> swinx.SwinTransformer:
@@ -129,8 +129,8 @@ def test_model_built_under_inference_mode():
 
 def test_masks_are_built_once_per_size(monkeypatch):
     calls = []
-    real = swinx.attention.shift_mask
-    monkeypatch.setattr(swinx.attention, "shift_mask", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = swinx.model.attention.shift_mask
+    monkeypatch.setattr(swinx.model.attention, "shift_mask", lambda *a, **k: calls.append(a) or real(*a, **k))
     model = small(1)
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import swinx
 from helpers import SMALL, max_diff, one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
-from swinx import ops
-from swinx.model import SwinBlock
+from swinx.model import ops
+from swinx.model.swin import SwinBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # two threads on two shared cores: see helpers
 

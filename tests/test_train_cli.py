@@ -23,10 +23,10 @@ import yaml
 from PIL import Image
 
 import swinx
-from swinx import data as D
-from swinx import recipe as T
+from swinx.classification import data as D
+from swinx.classification import recipe as T
 from swinx.cli import main
-from swinx.inference import load_for_inference, transform_for
+from swinx.classification.inference import load_for_inference, transform_for
 from helpers import one_thread  # noqa: F401 - a fixture, used through pytestmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")

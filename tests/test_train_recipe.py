@@ -67,7 +67,7 @@ def test_bf16_autocast_trains(data, tmp_path):
 
 
 def test_progress_bar_shows_loss_lr_and_throughput(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("swinx.train.PROGRESS_SECONDS", 0)    # redraw at every batch of this short run
+    monkeypatch.setattr("swinx.engine.loop.PROGRESS_SECONDS", 0)    # redraw at every batch of this short run
     argv = ["train", "--data", str(data), *TINY, "--epochs", "1", "--out", str(tmp_path / "bar"), "--progress", "on"]
     assert main(argv) == 0
     err = capsys.readouterr().err

@@ -30,13 +30,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import swinx
-import swinx.checkpoint
-import swinx.rundir
-from swinx import data as D
-from swinx.checkpoint import read_metadata
+import swinx.weights.checkpoint
+import swinx.engine.rundir
+from swinx.classification import data as D
+from swinx.weights.checkpoint import read_metadata
 from swinx.cli import main
-from swinx.recipe import resolve_config
-from swinx.train import build_model
+from swinx.classification.recipe import resolve_config
+from swinx.classification.train import build_model
 from helpers import one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,7 +130,7 @@ def assert_checkpoints_whole(run: Path) -> dict:
         model = swinx.load_model(path)
         assert model.class_names == ["class0", "class1", "class2"]
     state = torch.load(run / "last.state.pt", map_location="cpu", weights_only=True)
-    assert state["format"] == swinx.rundir.STATE_FORMAT and state["epoch"] >= 1
+    assert state["format"] == swinx.engine.rundir.STATE_FORMAT and state["epoch"] >= 1
     rows = rows_of(run)  # every line parses
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
     if (run / "curves.png").exists():
@@ -183,7 +183,7 @@ def test_resume_replays_the_uninterrupted_run(small_data, reference4, tmp_path):
 def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, tmp_path, monkeypatch, capsys,
                                                         interrupt):
     """Ctrl-C (or sys.exit) lands in epoch 3's save after the state file, halfway through writing the weights."""
-    real_save_file = swinx.checkpoint.save_file
+    real_save_file = swinx.weights.checkpoint.save_file
     calls = []
 
     def save_file_then_interrupt(tensors, path, metadata=None):
@@ -194,7 +194,7 @@ def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, 
                 f.truncate(os.path.getsize(path) // 2)
             raise interrupt
 
-    monkeypatch.setattr(swinx.checkpoint, "save_file", save_file_then_interrupt)
+    monkeypatch.setattr(swinx.weights.checkpoint, "save_file", save_file_then_interrupt)
     run = tmp_path / "run"
     if interrupt is KeyboardInterrupt:   # the CLI turns Ctrl-C into exit code 130 and says how to resume
         assert main(train_cmd(small_data, run, *RANDOM, "--epochs", "4")) == 130
@@ -236,14 +236,14 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_data, refere
 
         monkeypatch.setattr(torch, "save", save)
     else:
-        real_save_file = swinx.checkpoint.save_file
+        real_save_file = swinx.weights.checkpoint.save_file
 
         def save(tensors, path, metadata=None):
             if metadata and metadata.get("epoch") == "2":
                 full_disk(path)
             return real_save_file(tensors, path, metadata=metadata)
 
-        monkeypatch.setattr(swinx.checkpoint, "save_file", save)
+        monkeypatch.setattr(swinx.weights.checkpoint, "save_file", save)
 
     assert main(train_cmd(small_data, run, *RANDOM, "--epochs", "4")) == 2
     monkeypatch.undo()

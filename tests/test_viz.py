@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import swinx
-from swinx import viz
+from swinx.tools import viz
 from swinx.cli import main
-from swinx.windows import cyclic_shift, region_labels, shift_mask, window_partition
+from swinx.model.windows import cyclic_shift, region_labels, shift_mask, window_partition
 from helpers import one_thread, randomize  # noqa: F401  (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,7 +103,7 @@ def test_windows_picture(chelsea, tmp_path, capsys):
 def test_shifted_windows_drawn_where_the_model_puts_them():
     """The shifted borders drawn in image coordinates enclose exactly the tokens the model groups."""
     H, W, M, s = 17, 23, 7, 3
-    geometry = swinx.windows.window_geometry(H, W, M, s)
+    geometry = swinx.model.windows.window_geometry(H, W, M, s)
     Hp, Wp = H + geometry.pad[0], W + geometry.pad[1]
     rows, cols = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
     coords = torch.stack([rows, cols], -1)[None]                       # (1, Hp, Wp, 2): unrolled positions
@@ -162,7 +162,7 @@ def normalised(path, loaded) -> torch.Tensor:
 
 
 def test_stitched_attention_is_the_models(chelsea, v1_checkpoint):
-    from swinx.inference import load_for_inference
+    from swinx.classification.inference import load_for_inference
 
     loaded = load_for_inference(v1_checkpoint)
     model = loaded.model

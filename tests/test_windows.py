@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swinx.position import log_spaced_coords, relative_position_index, resize_bias_table, table_window
-from swinx.windows import (MASK_FILL, cyclic_shift, pad_map, region_labels, shift_mask, window_geometry,
+from swinx.model.position import log_spaced_coords, relative_position_index, resize_bias_table, table_window
+from swinx.model.windows import (MASK_FILL, cyclic_shift, pad_map, region_labels, shift_mask, window_geometry,
                            window_partition, window_reverse)
 
 

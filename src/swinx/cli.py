@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 import swinx
-from swinx.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
-from swinx.data import DataError
-from swinx.layouts import detect_layout, infer_config
-from swinx.recipe import TrainError
+from swinx.weights.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
+from swinx.classification.data import DataError
+from swinx.weights.layouts import detect_layout, infer_config
+from swinx.classification.recipe import TrainError
 
 
 def cmd_models(args) -> int:
@@ -108,7 +108,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     import dataclasses
     import json
 
-    from swinx.recipe import TrainConfig
+    from swinx.classification.recipe import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -131,8 +131,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     import dataclasses
 
-    from swinx.recipe import TrainConfig, resolve_config
-    from swinx.train import train
+    from swinx.classification.recipe import TrainConfig, resolve_config
+    from swinx.classification.train import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.resume:
@@ -149,7 +149,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from swinx.inference import evaluate_checkpoint
+    from swinx.classification.inference import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                                  device=args.device, confusion_png=args.confusion)
@@ -168,7 +168,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from swinx.inference import load_for_inference, predict, predict_onnx
+    from swinx.classification.inference import load_for_inference, predict, predict_onnx
 
     if args.onnx:
         results = predict_onnx(args.onnx, args.images, topk=args.topk)
@@ -189,7 +189,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from swinx.flops import counted_flops, macs
+    from swinx.tools.flops import counted_flops, macs
 
     model = swinx.create_model(args.model, **({"img_size": args.img_size} if args.img_size else {}))
     size = args.img_size or model.config.img_hw[0]
@@ -208,7 +208,7 @@ def cmd_flops(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from swinx import bench
+    from swinx.tools import bench
 
     if args.scaling:
         rows = bench.scaling(args.model, sizes=args.sizes, device=args.device, repeats=args.repeats)
@@ -257,8 +257,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from swinx import export
-    from swinx.inference import default_input_spec, load_for_inference
+    from swinx.tools import export
+    from swinx.classification.inference import default_input_spec, load_for_inference
 
     if args.checkpoint:
         loaded = load_for_inference(args.checkpoint)
@@ -295,7 +295,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def cmd_viz(args) -> int:
-    from swinx import viz
+    from swinx.tools import viz
 
     if args.what == "windows":
         out = viz.draw_windows(args.image, args.out, args.model, size=args.size, small_map=args.small_map,
@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counted", action="store_true", help="also count with torch.utils.flop_counter")
     p.set_defaults(run=cmd_flops)
 
-    from swinx.export import ATTENTION, FORMATS
+    from swinx.tools.export import ATTENTION, FORMATS
 
     p = sub.add_parser("export", help="ONNX or torch.export program for any input size, verified after writing")
     p.add_argument("output", help="file to write (.onnx, or .pt2 for torch-export)")

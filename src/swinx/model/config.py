@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from .windows import SMALL_MAP_POLICIES
+from swinx.model.windows import SMALL_MAP_POLICIES
 
 
 @dataclass(frozen=True)

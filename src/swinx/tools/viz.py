@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import SwinConfig
-from .windows import (WindowGeometry, ceil_div, cyclic_shift, region_labels, window_geometry, window_partition,
+from swinx.model.config import SwinConfig
+from swinx.model.windows import (WindowGeometry, ceil_div, cyclic_shift, region_labels, window_geometry, window_partition,
                       window_reverse)
 
 __all__ = ["BlockAttention", "StageLayout", "WindowKind", "bias_images", "block_attention", "draw_attention",
@@ -41,7 +41,7 @@ _MAX_PNG_BYTES = 250_000
 def _config(model) -> SwinConfig:
     """A SwinConfig from a variant name, a config or a model."""
     if isinstance(model, str):
-        from .variants import get_config
+        from swinx.model.variants import get_config
 
         return get_config(model)
     if isinstance(model, SwinConfig):
@@ -66,7 +66,7 @@ def load_image(path: str | os.PathLike, channels: int = 3, size: tuple[int, int]
 
     Raises ValueError("cannot read image PATH: ...") for a missing or undecodable file.
     """
-    from . import data as D
+    from swinx.classification import data as D
 
     try:
         image = D.open_image(path, channels)
@@ -342,7 +342,7 @@ def bias_images(attn_module, window: int | None = None) -> torch.Tensor:
     dy, dx are the query's position minus the key's. V1 reads the learned table; V2 evaluates
     16 * sigmoid(cpb_mlp(log-spaced offsets)) for the window M (default: the module's).
     """
-    from .position import log_spaced_coords
+    from swinx.model.position import log_spaced_coords
 
     M = window or attn_module.window_size
     if attn_module.version == 1:
@@ -359,7 +359,7 @@ def bias_images(attn_module, window: int | None = None) -> torch.Tensor:
 
 
 def _parameter_counts(config: SwinConfig) -> dict[str, int]:
-    from .model import SwinTransformer
+    from swinx.model.swin import SwinTransformer
 
     with torch.device("meta"):
         model = SwinTransformer(config)
@@ -378,7 +378,7 @@ def _shift_pattern(layout: StageLayout, depth: int) -> list[str]:
 
 
 def _summary_rows(config: SwinConfig, img_size) -> tuple[tuple[int, int], list[dict]]:
-    from .flops import macs
+    from swinx.tools.flops import macs
 
     size = _size(img_size, config.img_hw)
     parts = {p.name: p for p in macs(config, size)}
@@ -462,7 +462,7 @@ def _save(fig, out: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    from .checkpoint import atomic_write
+    from swinx.weights.checkpoint import atomic_write
 
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
@@ -762,13 +762,13 @@ def draw_mask(out: str | os.PathLike, model="swin_t", size: tuple[int, int] | No
 
 
 def _as_loaded(model):
-    from .inference import Loaded, load_for_inference
-    from .model import SwinTransformer
+    from swinx.classification.inference import Loaded, load_for_inference
+    from swinx.model.swin import SwinTransformer
 
     if isinstance(model, Loaded):
         return model
     if isinstance(model, SwinTransformer):
-        from . import data as D
+        from swinx.classification import data as D
 
         c = model.config
         rgb = c.in_chans == 3

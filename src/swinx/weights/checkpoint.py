@@ -16,10 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import layouts
-from .config import SwinConfig
-from .model import SwinTransformer
-from .position import resize_bias_table, table_window
+from swinx.weights import layouts
+from swinx.model.config import SwinConfig
+from swinx.model.swin import SwinTransformer
+from swinx.model.position import resize_bias_table, table_window
 
 IMAGENET_22K_CLASSES = 21841
 
@@ -105,7 +105,7 @@ def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> Loa
     """Load weights of any known layout into `model`, strictly; returns a report.
 
     `source`: a path (.pth, .pt, .bin, .safetensors) or a state dict, optionally wrapped as
-    {"model": ...}. `layout`: "auto" or one of swinx.layouts.LAYOUTS. Bias tables are resized
+    {"model": ...}. `layout`: "auto" or one of swinx.weights.layouts.LAYOUTS. Bias tables are resized
     to the model's window, a head of another class count is replaced by the model's own
     (a 21841-class ImageNet-22k head is remapped to ImageNet-1k), and every other mismatch
     (missing, unexpected or misshapen keys) raises CheckpointError naming them.
@@ -228,7 +228,7 @@ def _mismatch_message(layout, missing, unexpected, mismatched, state, config: Sw
     except (ValueError, KeyError, AttributeError, StopIteration):
         found = "The model is "
     lines.append(found + _describe(config) + ". Build the model the checkpoint was made for "
-                 "(swinx.list_models(), swinx.layouts.infer_config), or pass layout= explicitly.")
+                 "(swinx.list_models(), swinx.weights.layouts.infer_config), or pass layout= explicitly.")
     return "\n".join(lines)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import SwinConfig
-from .model import SwinTransformer
+from swinx.model.config import SwinConfig
+from swinx.model.swin import SwinTransformer
 
 _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .checkpoint import atomic_write, save_model
-from .model import SwinTransformer
-from .recipe import TrainConfig, TrainError
+from swinx.engine.config import TrainError
+from swinx.weights.checkpoint import atomic_write
 
 STATE_FORMAT = 1
 logger = logging.getLogger("swinx")
@@ -63,24 +62,27 @@ class RunDir:
     def write_metrics(self, rows: list[dict]) -> None:
         self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    def plot(self, rows: list[dict]) -> None:
+    def plot(self, rows: list[dict], score_key: str) -> None:
+        """curves.png: training and validation loss, and the validation metrics named like `score_key`."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         epochs = [r["epoch"] for r in rows]
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-        if rows and rows[0].get("val_loss") is not None:
+        first = rows[0] if rows else {}
+        if first.get("val_loss") is not None:
             ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
-            ax_acc.plot(epochs, [r["val_acc1"] for r in rows], label="top-1")
-            ax_acc.plot(epochs, [r["val_acc5"] for r in rows], label="top-5")
-            if rows[0].get("ema_val_acc1") is not None:
-                ax_acc.plot(epochs, [r["ema_val_acc1"] for r in rows], label="EMA top-1")
+        family = score_key.rstrip("0123456789")      # val_acc1 -> val_acc: top-1 and top-5 together
+        for key in [k for k in first if k.startswith(family) and first[k] is not None]:
+            for name in (key, f"ema_{key}"):
+                if first.get(name) is not None:
+                    ax_score.plot(epochs, [r[name] for r in rows], label=name.replace("val_", ""))
         ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
-        for ax in (ax_loss, ax_acc):
+        ax_score.set(xlabel="epoch", ylabel=family.replace("val_", ""), title="validation")
+        for ax in (ax_loss, ax_score):
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
@@ -88,10 +90,11 @@ class RunDir:
         atomic_write(self.file("curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
 
-    def save_epoch(self, epoch: int, rows: list[dict], state: dict, model: SwinTransformer,
-                   best: tuple[SwinTransformer, str] | None, classes: list[str], metadata: dict[str, str]) -> None:
+    def save_epoch(self, epoch: int, rows: list[dict], state: dict, model: torch.nn.Module,
+                   best: tuple[torch.nn.Module, str] | None, metadata: dict[str, str],
+                   save_weights: Callable[[torch.nn.Module, Path, dict[str, str]], None], score_key: str) -> None:
         """metrics.jsonl first, then the resume state, then the weights, then `best` = (model, "model"
-        or "ema") when it improved.
+        or "ema") when it improved. `save_weights(model, path, metadata)` is the task's format.
 
         Each write is atomic. A kill between two of them leaves files of two adjacent epochs;
         resume reads only last.state.pt (which holds the weights too) and trims the metrics to it.
@@ -99,14 +102,14 @@ class RunDir:
         self.write_metrics(rows)
         try:
             atomic_write(self.file("last.state.pt"), lambda tmp: torch.save({"format": STATE_FORMAT, **state}, tmp))
-            save_model(model, self.file("last.safetensors"), classes, {**metadata, "weights": "model"})
+            save_weights(model, self.file("last.safetensors"), {**metadata, "weights": "model"})
             if best is not None:
-                save_model(best[0], self.file("best.safetensors"), classes, {**metadata, "weights": best[1]})
+                save_weights(best[0], self.file("best.safetensors"), {**metadata, "weights": best[1]})
         except OSError as e:
             raise TrainError(f"could not save the epoch {epoch} checkpoint in {self.path}: {e.strerror or e}; "
                              "the previous checkpoint is intact") from e
         try:
-            self.plot(rows)
+            self.plot(rows, score_key)
         except OSError as e:
             logger.warning(f"warning: could not write {self.file('curves.png')}: {e}")
 
@@ -130,14 +133,3 @@ class RunDir:
         except ImportError:
             return None
         return SummaryWriter(str(self.file("tensorboard")))
-
-
-def default_out(cfg: TrainConfig) -> Path:
-    name = cfg.name or (f"{Path(cfg.data).resolve().name}-{cfg.model}" if cfg.data else "mnist")
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def input_spec(cfg: TrainConfig) -> dict:
-    """What `swinx predict` and `swinx eval` need to preprocess images the way validation did."""
-    return {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean), "std": list(cfg.std),
-            "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}

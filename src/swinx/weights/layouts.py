@@ -14,9 +14,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .config import SwinConfig
-from .position import log_spaced_coords, relative_position_index
-from .windows import shift_mask, window_geometry
+from swinx.model.config import SwinConfig
+from swinx.model.position import log_spaced_coords, relative_position_index
+from swinx.model.windows import shift_mask, window_geometry
 
 LAYOUTS = ("swinx", "official", "timm", "torchvision", "hf", "hf-hub")
 
@@ -192,7 +192,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], layout: str) -> SwinConfig
     What the weights cannot tell is left at its default: the training resolution, V2's
     pretrained window sizes, and V2's window when no coordinate buffer was saved.
     """
-    from .position import table_window
+    from swinx.model.position import table_window
 
     version = 2 if any("logit_scale" in k for k in state_dict) else 1
     probe = SwinConfig(version=1) if version == 1 else SwinConfig(version=2, window_size=8, img_size=256)

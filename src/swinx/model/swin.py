@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from . import ops
-from .attention import WindowAttention
-from .config import SwinConfig
-from .windows import (cyclic_shift, pad_map, round_up, window_geometry, window_index, window_partition,
+from swinx.model import ops
+from swinx.model.attention import WindowAttention
+from swinx.model.config import SwinConfig
+from swinx.model.windows import (cyclic_shift, pad_map, round_up, window_geometry, window_index, window_partition,
                       window_reverse)
 
 

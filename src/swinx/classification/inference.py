@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import data as D
-from .checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata, read_state_dict
-from .layouts import detect_layout, infer_config
-from .model import SwinTransformer
+from swinx.classification import data as D
+from swinx.weights.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata, read_state_dict
+from swinx.weights.layouts import detect_layout, infer_config
+from swinx.model.swin import SwinTransformer
 
 
 @dataclass
@@ -92,7 +92,7 @@ def predict_onnx(path: str | os.PathLike, images: list[str | os.PathLike], topk:
                  batch_size: int = 32) -> list[dict]:
     """`predict` with an ONNX file from `swinx export`: onnxruntime runs the network, and the
     preprocessing and class names come from the file's metadata."""
-    from .export import ExportError, onnx_session, read_onnx_metadata
+    from swinx.tools.export import ExportError, onnx_session, read_onnx_metadata
 
     path = Path(path)
     if not path.is_file():
@@ -172,7 +172,7 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from swinx.weights.checkpoint import atomic_write
 
     n = len(class_names)
     rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
@@ -199,11 +199,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     """Top-1, top-5, loss and per-class accuracy of a checkpoint on an ImageFolder split (or the
     data it was trained on), with a confusion-matrix PNG (beside the checkpoint by default, for
     up to 50 classes)."""
-    from .train import data_loader, evaluate
+    from swinx.classification.train import evaluate
+    from swinx.engine.loop import data_loader
 
     loaded = load_for_inference(checkpoint, device)
     dataset, where = eval_dataset(loaded, data)
-    loader = data_loader(dataset, batch_size, None, workers)
+    loader = data_loader(dataset, batch_size, None, workers, D.SkippingCollate())
     result = evaluate(loaded.model, loader, len(loaded.class_names), torch.device(device))
     if result["count"] == 0:
         raise D.DataError(f"no readable images in {where}")

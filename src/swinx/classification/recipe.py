@@ -5,19 +5,14 @@ mixed precision)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import data as D
-from .model import SwinTransformer
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to do."""
+from swinx.classification import data as D
+from swinx.engine.config import TrainError, amp_dtype, check_engine_settings, param_groups, warmup_cosine  # noqa: F401
 
 
 @dataclass
@@ -79,19 +74,12 @@ class TrainConfig:
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             problems.append(f"mean {list(self.mean)} and std {list(self.std)} need one value per input channel "
                             f"(in_chans {self.in_chans})")
-        for name in ("epochs", "batch_size", "accum_steps", "img_size", "in_chans"):
+        for name in ("img_size", "in_chans"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr}")
-        if self.min_lr < 0 or self.warmup_lr < 0 or self.warmup_epochs < 0 or self.workers < 0:
-            problems.append("min_lr, warmup_lr, warmup_epochs and workers cannot be negative")
-        if not 0 <= self.ema_decay < 1:
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        problems += check_engine_settings(self)
         if min(self.std) <= 0:
             problems.append(f"std must be positive, got {list(self.std)}")
-        if self.progress not in ("auto", "on", "off"):
-            problems.append(f"progress must be auto, on or off, got {self.progress!r}")
         if problems:
             raise TrainError("invalid training settings: " + "; ".join(problems))
 
@@ -149,42 +137,6 @@ def resolve_config(yaml_path: str | None = None, overrides: dict | None = None) 
 
 # ---------------------------------------------------------------------------------------------
 # Pieces of the recipe
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    raise TrainError(f"--amp must be auto, bf16, fp16 or off, got {amp!r}")
-
-
-def param_groups(model: SwinTransformer, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, position-bias tables, cpb MLP and logit scale."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in skip or p.ndim <= 1 or "cpb_mlp" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int):
-    """Multiplier of base_lr at optimizer step s: linear warm-up from warmup_lr, then cosine to min_lr."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            lr = warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
-        else:
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
-        return lr / base_lr
-    return factor
 
 
 def mix_transform(cfg: TrainConfig, num_classes: int):

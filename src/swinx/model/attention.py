@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .position import log_spaced_coords, relative_position_index
-from .windows import MASK_FILL, WindowGeometry, WindowIndex, shift_mask
+from swinx.model import ops
+from swinx.model.position import log_spaced_coords, relative_position_index
+from swinx.model.windows import MASK_FILL, WindowGeometry, WindowIndex, shift_mask
 
 _MAX_CACHE_ENTRIES = 32
 _MAX_LOGIT_SCALE = math.log(100.0)  # V2 caps the learned temperature at 100

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .config import SwinConfig
-from .windows import window_geometry
+from swinx.model import ops
+from swinx.model.config import SwinConfig
+from swinx.model.windows import window_geometry
 
 
 @dataclass(frozen=True)

@@ -8,60 +8,23 @@ collate function drops it, and the training loop counts and reports it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+from swinx.engine.data import (IMAGE_EXTENSIONS, READ_ERRORS, DataError, ShardSampler, SkippingCollate,  # noqa: F401
+                               Unreadable, is_image, open_image)
+
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MNIST_HELD_OUT_PER_CLASS = 100
 
 
-class DataError(ValueError):
-    """The data a user pointed at cannot be used; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """Stands in for a sample whose file could not be decoded."""
-
-    path: str
-    reason: str
-
-
-def open_image(path: str | os.PathLike, channels: int) -> Image.Image:
-    """Decode any Pillow format to "L" (channels=1) or "RGB" (channels=3).
-
-    Transparent images (RGBA, LA, palette with transparency) are composited over white, the
-    way a browser shows them; grayscale becomes RGB by repetition and colour becomes gray by
-    ITU-R 601 luma.
-    """
-    with Image.open(path) as image:
-        image.load()
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image.convert("RGBA"))
-        return image.convert("L" if channels == 1 else "RGB")
-
-
-# What Pillow raises on a file that is not an image, is cut short, or is malformed inside.
-READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
 # ---------------------------------------------------------------------------------------------
 # ImageFolder trees
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def scan_classes(root: Path) -> list[str]:
@@ -73,7 +36,7 @@ def scan_classes(root: Path) -> list[str]:
         raise DataError(f"{root} has no class folders; put each class's images in its own folder, "
                         f"e.g. {root}/cat/0001.jpg and {root}/dog/0001.jpg")
     for name in classes:
-        if not any(_is_image(f) for _, _, files in os.walk(root / name) for f in files):
+        if not any(is_image(f) for _, _, files in os.walk(root / name) for f in files):
             raise DataError(f"class folder {root / name} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
                             "add images to it or remove the folder")
     return classes
@@ -88,7 +51,7 @@ class ImageFolder(datasets.ImageFolder):
         if extra:
             raise DataError(f"{root} has class folders {extra} that the training split does not have")
         self.channels = channels
-        super().__init__(str(root), transform=transform, is_valid_file=lambda p: _is_image(os.path.basename(p)),
+        super().__init__(str(root), transform=transform, is_valid_file=lambda p: is_image(os.path.basename(p)),
                          allow_empty=True)
 
     def find_classes(self, directory):
@@ -205,27 +168,3 @@ def eval_transform(img_size: int, mean, std, *, crop_pct: float = 0.875, interpo
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-# ---------------------------------------------------------------------------------------------
-# Batching
-
-
-class SkippingCollate:
-    """Collate that drops `Unreadable` samples and hands them back beside the batch."""
-
-    def __call__(self, samples):
-        good = [s for s in samples if not isinstance(s, Unreadable)]
-        bad = [s for s in samples if isinstance(s, Unreadable)]
-        return (default_collate(good) if good else None), bad
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation shard of rank `rank`: indices rank, rank + world, ... (no padding, no repeats)."""
-
-    def __init__(self, length: int, rank: int = 0, world: int = 1):
-        self.indices = range(rank, length, world)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
-from .model import SwinTransformer
+from swinx.weights.checkpoint import atomic_write
+from swinx.model.swin import SwinTransformer
 
 FORMATS = ("onnx", "torch-export")
 ATTENTION = ("fused", "exact")

@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import export_state_dict
-from .flops import macs
-from .model import SwinTransformer
-from .variants import create_model
+from swinx.weights.checkpoint import export_state_dict
+from swinx.tools.flops import macs
+from swinx.model.swin import SwinTransformer
+from swinx.model.variants import create_model
 
 # Our variant name -> the peer's name for the same architecture.
 TIMM_NAMES = {"swin_t": "swin_tiny_patch4_window7_224", "swin_s": "swin_small_patch4_window7_224",
@@ -117,12 +117,12 @@ def build(impl: str, model: SwinTransformer, name: str) -> torch.nn.Module:
 
 
 class OnnxRuntimeModel(torch.nn.Module):
-    """`model` exported by `swinx.export.export_onnx` and run by onnxruntime on the CPU (inference only)."""
+    """`model` exported by `swinx.tools.export.export_onnx` and run by onnxruntime on the CPU (inference only)."""
 
     def __init__(self, model: SwinTransformer):
         import tempfile
 
-        from .export import export_onnx, onnx_session
+        from swinx.tools.export import export_onnx, onnx_session
 
         super().__init__()
         with tempfile.TemporaryDirectory() as folder:
@@ -197,7 +197,7 @@ def process_peak_rss(spec: BenchSpec, impl: str) -> float:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "swinx.bench", json.dumps(asdict(spec)), impl],
+    done = subprocess.run([sys.executable, "-m", "swinx.tools.bench", json.dumps(asdict(spec)), impl],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement of {impl} failed: {done.stderr[-2000:]}")
@@ -231,7 +231,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device =
     On the CPU both PyTorch's default (`torch.mm`, BLAS) and oneDNN's linear are measured:
     oneDNN is often twice as fast, and a roofline must use the best the machine can do.
     """
-    from . import ops
+    from swinx.model import ops
 
     device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -370,7 +370,7 @@ def plot_scaling(rows: list[dict], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from swinx.weights.checkpoint import atomic_write
 
     sizes = [r["img_size"] for r in rows]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -400,7 +400,7 @@ def record(rows: list[dict], out_dir, device: torch.device) -> str:
     import re
     from pathlib import Path
 
-    from .checkpoint import atomic_write
+    from swinx.weights.checkpoint import atomic_write
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or device.type
     path = Path(out_dir) / f"{slug}_torch{torch.__version__.split('+')[0]}_{time.strftime('%Y-%m-%d')}.csv"

@@ -1,0 +1,1 @@
+"""Image classification: data, recipe, training task, evaluation and prediction."""

@@ -1,0 +1,228 @@
+"""Image classification on the shared engine: ImageFolder trees or the built-in MNIST digits,
+the paper's recipe (recipe.py), top-1/top-5 validation, our safetensors weights.
+
+`train(TrainConfig(...))` is the whole job; `swinx train` builds the config from a YAML file
+and flags (see recipe.py), and the engine (swinx.engine) runs it: resume, DDP, EMA, AMP,
+the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from swinx.classification import data as D
+from swinx.classification.recipe import TrainConfig, TrainError, mix_transform, param_groups, soft_cross_entropy, warmup_cosine
+from swinx.engine.loop import Best, Dist, Engine, data_loader, run
+from swinx.model.swin import SwinTransformer
+from swinx.model.variants import create_model
+from swinx.weights.checkpoint import CheckpointError, load_checkpoint, save_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+
+
+@dataclass
+class Data:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset | None
+    classes: list[str]
+
+
+def build_data(cfg: TrainConfig) -> Data:
+    train_tf = D.train_transform(cfg.img_size, cfg.mean, cfg.std, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
+                                 auto_augment=cfg.auto_augment, randaug_magnitude=cfg.randaug_magnitude,
+                                 reprob=cfg.reprob, interpolation=cfg.interpolation)
+    val_tf = D.eval_transform(cfg.img_size, cfg.mean, cfg.std, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    if cfg.data is None:
+        train, val, classes = D.mnist5k()
+        train.transform, val.transform = train_tf, val_tf
+        return Data(train, val, classes)
+    train_dir, val_dir, classes = D.folder_splits(cfg.data)
+    train = D.ImageFolder(train_dir, classes, cfg.in_chans, train_tf)
+    val = D.ImageFolder(val_dir, classes, cfg.in_chans, val_tf) if val_dir is not None else None
+    return Data(train, val, classes)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> SwinTransformer:
+    overrides = dict(cfg.model_args)
+    overrides.update(num_classes=num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                     drop_path_rate=cfg.drop_path)
+    if cfg.window_size is not None:
+        overrides["window_size"] = cfg.window_size
+    try:
+        return create_model(cfg.model, **overrides)
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainError(f"cannot build model {cfg.model!r} with {overrides}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (shared with `swinx eval`)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             dtype: torch.dtype | None = None, ddp: Dist | None = None) -> dict:
+    """Loss, top-1/top-5 (percent), per-class counts and the confusion matrix, summed over ranks."""
+    ddp = ddp or Dist()
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    k = min(5, num_classes)
+    first_bad = None
+    for batch, bad in loader:
+        skipped += len(bad)
+        first_bad = first_bad or (bad[0] if bad else None)
+        if batch is None:
+            continue
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        predicted = logits.argmax(1)
+        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).view_as(confusion)
+        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
+    for t in (loss_sum, confusion, top5, skipped):
+        ddp.all_sum(t)
+    model.train(was_training)
+    count = int(confusion.sum())
+    correct_per_class = confusion.diag().cpu()
+    count_per_class = confusion.sum(1).cpu()
+    return {
+        "loss": float(loss_sum) / max(count, 1),
+        "acc1": 100.0 * float(correct_per_class.sum()) / max(count, 1),
+        "acc5": 100.0 * float(top5) / max(count, 1),
+        "count": count,
+        "skipped": int(skipped),
+        "first_unreadable": first_bad,
+        "per_class": [100.0 * float(c) / float(n) if n else float("nan")
+                      for c, n in zip(correct_per_class, count_per_class)],
+        "confusion": confusion.cpu(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+
+class ClassificationTask:
+    """What classification plugs into the engine (see swinx.engine.loop.Task)."""
+
+    score_key = "val_acc1"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def build(self, ddp: Dist, device: torch.device) -> None:
+        cfg = self.cfg
+        self.ddp = ddp
+        self.data = build_data(cfg)
+        self.classes = self.data.classes
+        self.num_classes = len(self.classes)
+        self.model = build_model(cfg, self.num_classes)
+        # Every run uses a DistributedSampler, even with one process, so that one process at batch B
+        # sees the same global batches as N processes at B/N.
+        sampler = DistributedSampler(self.data.train, num_replicas=ddp.world, rank=ddp.rank, shuffle=True,
+                                     seed=cfg.seed)
+        self.train_loader = data_loader(self.data.train, cfg.batch_size, sampler, cfg.workers, D.SkippingCollate(),
+                                        drop_last=len(sampler) >= 2 * cfg.batch_size)
+        self.val_loader = None
+        if self.data.val is not None:
+            shard = D.ShardSampler(len(self.data.val), ddp.rank, ddp.world)
+            self.val_loader = data_loader(self.data.val, cfg.batch_size, shard, cfg.workers, D.SkippingCollate())
+        self.mixer = mix_transform(cfg, self.num_classes)
+
+    def initialise(self, init: str) -> str:
+        """Load --init weights (any layout); returns the load report."""
+        try:
+            return str(load_checkpoint(self.model, init))
+        except CheckpointError as e:
+            raise TrainError(f"--init {init}: {e}") from e
+
+    def base_lr(self, global_batch: int) -> float:
+        self.lr_scale = global_batch / 512   # the recipe's learning rates are per 512 images
+        return self.cfg.lr * self.lr_scale
+
+    def param_groups(self) -> list[dict]:
+        return param_groups(self.model, self.cfg.weight_decay)
+
+    def lr_lambda(self, base_lr: float, steps_per_epoch: int):
+        cfg, scale = self.cfg, self.lr_scale
+        return warmup_cosine(base_lr, cfg.min_lr * scale, cfg.warmup_lr * scale,
+                             round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+
+    def loss(self, net: torch.nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        targets = labels
+        if self.mixer is not None:
+            images, targets = self.mixer(images, labels)
+        return soft_cross_entropy(net(images), targets, self.cfg.label_smoothing), len(labels)
+
+    def validate(self, model: torch.nn.Module, ddp: Dist, device: torch.device, dtype) -> dict:
+        if self.val_loader is None:
+            return {"val_loss": None, "val_acc1": None, "val_acc5": None}
+        result = evaluate(model, self.val_loader, self.num_classes, device, dtype, ddp)
+        return {"val_loss": result["loss"], "val_acc1": result["acc1"], "val_acc5": result["acc5"],
+                "skipped": result["skipped"], "first_unreadable": result["first_unreadable"]}
+
+    def save_weights(self, model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+        extra = {"train_config": json.dumps(self.cfg.to_dict()), "input": json.dumps(input_spec(self.cfg))}
+        save_model(model, path, self.classes, {**extra, **metadata})
+
+    def extra_state(self) -> dict:
+        return {"small_map": self.model.small_map}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.model.small_map = state["small_map"]      # --init may have switched it (torchvision weights)
+
+    def describe(self, engine: Engine) -> str:
+        c, cfg = self.model.config, self.cfg
+        return (f"training {cfg.model} (V{c.version}, patch {c.patch_size}, embed {c.embed_dim}, depths {c.depths}, "
+                f"window {c.window_size}: {sum(p.numel() for p in self.model.parameters()):,} parameters) on "
+                f"{len(self.data.train):,} images, {self.num_classes} classes, {engine.ddp.world} process(es) on "
+                f"{engine.device}, global batch {engine.global_batch}, lr {engine.lr:.2e}")
+
+    def epoch_line(self, row: dict) -> str:
+        line = (f"epoch {row['epoch']}/{self.cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+                f"val_loss {_fmt(row['val_loss'], '.4f')}  top-1 {_fmt(row['val_acc1'], '.2f')}%  "
+                f"top-5 {_fmt(row['val_acc5'], '.2f')}%")
+        if row.get("ema_val_acc1") is not None:
+            line += f"  EMA top-1 {row['ema_val_acc1']:.2f}%"
+        return line + f"  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s ({row['images_per_second']:.0f} img/s)"
+
+    def final_line(self, last: dict, best: Best, run_path: Path) -> str:
+        if last.get("val_acc1") is None:
+            return f"done: no validation split; checkpoints in {run_path}"
+        return (f"done: final val top-1 {last['val_acc1']:.2f}% (best {best.acc1:.2f}% at epoch {best.epoch}, "
+                f"{best.weights} weights); checkpoints in {run_path}")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, distributed: bool = False) -> dict:
+    """Run (or resume) classification training; returns the last epoch's metrics (see engine.loop.run)."""
+    return run(ClassificationTask(cfg), resume, distributed, default_out=lambda: default_out(cfg),
+               resume_command="swinx train")
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    name = cfg.name or (f"{Path(cfg.data).resolve().name}-{cfg.model}" if cfg.data else "mnist")
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def input_spec(cfg: TrainConfig) -> dict:
+    """What `swinx predict` and `swinx eval` need to preprocess images the way validation did."""
+    return {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean), "std": list(cfg.std),
+            "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}

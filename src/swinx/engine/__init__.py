@@ -1,0 +1,1 @@
+"""The training engine every task shares: run directory, loop, checkpoints and resume."""

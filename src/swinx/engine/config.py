@@ -1,0 +1,89 @@
+"""What the engine needs from every task's settings, and the recipe pieces all tasks share.
+
+A task's config is its own dataclass (classification's TrainConfig, detection's DetectConfig);
+the engine reads these attributes of it:
+
+    init, epochs, batch_size, accum_steps, clip_grad, ema_decay, amp, grad_checkpointing,
+    seed, workers, device, out, progress, max_bad_images
+
+and `to_dict()` for config.yaml. `check_engine_settings` validates them for any task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+def check_engine_settings(cfg) -> list[str]:
+    """Problems with the settings the engine reads (empty when they are fine)."""
+    problems = []
+    for name in ("epochs", "batch_size", "accum_steps"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        problems.append(f"lr must be positive, got {cfg.lr}")
+    if cfg.min_lr < 0 or cfg.warmup_lr < 0 or cfg.warmup_epochs < 0 or cfg.workers < 0:
+        problems.append("min_lr, warmup_lr, warmup_epochs and workers cannot be negative")
+    if not 0 <= cfg.ema_decay < 1:
+        problems.append(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.progress not in ("auto", "on", "off"):
+        problems.append(f"progress must be auto, on or off, got {cfg.progress!r}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        problems.append(f"amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
+    return problems
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    raise TrainError(f"--amp must be auto, bf16, fp16 or off, got {amp!r}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position-bias tables, cpb MLP and logit scale.
+
+    `model.no_weight_decay()` names the Swin parameters to spare, where the model has it
+    (a detector asks its backbone); every 1-D parameter is spared anyway.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in skip or p.ndim <= 1 or "cpb_mlp" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int):
+    """Multiplier of base_lr at optimizer step s: linear warm-up from warmup_lr, then cosine to min_lr."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            lr = warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+        else:
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+        return lr / base_lr
+    return factor
+
+
+def warmup_step(base_lr: float, warmup_lr: float, warmup_steps: int, milestones: list[int], gamma: float = 0.1):
+    """Multiplier of base_lr at optimizer step s: linear warm-up, then x`gamma` at each milestone step
+    (the detection recipe's step decay, e.g. at epochs 27 and 33 of 36)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (warmup_lr + (base_lr - warmup_lr) * step / warmup_steps) / base_lr
+        return gamma ** sum(step >= m for m in milestones)
+    return factor

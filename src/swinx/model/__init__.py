@@ -1,0 +1,1 @@
+"""The model: configuration, named variants, window geometry, attention and the Swin Transformer."""

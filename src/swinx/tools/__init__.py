@@ -1,0 +1,1 @@
+"""Tools beside the tasks: benchmarks, FLOP counts, export and pictures."""
