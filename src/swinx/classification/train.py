@@ -168,7 +168,7 @@ class ClassificationTask:
             images, targets = self.mixer(images, labels)
         return soft_cross_entropy(net(images), targets, self.cfg.label_smoothing), len(labels)
 
-    def validate(self, model: torch.nn.Module, ddp: Dist, device: torch.device, dtype) -> dict:
+    def validate(self, model: torch.nn.Module, ddp: Dist, device: torch.device, dtype, epoch: int) -> dict:
         if self.val_loader is None:
             return {"val_loss": None, "val_acc1": None, "val_acc5": None}
         result = evaluate(model, self.val_loader, self.num_classes, device, dtype, ddp)

@@ -33,6 +33,7 @@ from swinx.engine.rundir import RunDir
 
 logger = logging.getLogger("swinx")
 PROGRESS_SECONDS = 0.5    # how often the progress bar redraws
+ESTIMATE_AFTER = 10       # batches of the first epoch after which the run time is estimated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class Task(Protocol):
     def lr_lambda(self, base_lr: float, steps_per_epoch: int) -> Callable[[int], float]: ...
     def base_lr(self, global_batch: int) -> float: ...
     def loss(self, net: torch.nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]: ...
-    def validate(self, model: torch.nn.Module, ddp: Dist, device: torch.device, dtype) -> dict | None: ...
+    def validate(self, model: torch.nn.Module, ddp: Dist, device: torch.device, dtype, epoch: int) -> dict: ...
     def save_weights(self, model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None: ...
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
@@ -179,6 +180,7 @@ class Engine:
         self.dtype = amp_dtype(cfg.amp, device)
         seed_epoch(cfg.seed, 0, 0)      # the same initial weights on every rank
         task.build(ddp, device)
+        self.cfg = cfg = task.cfg        # a task may fit its settings to the data it found
         self.model = task.model
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -191,6 +193,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = None
         self.net = self.model
+        self.estimated = False
 
     def prepare(self) -> None:
         """Move to the device, then build what holds references to the parameters."""
@@ -254,6 +257,10 @@ class Engine:
             if batch is not None:
                 seconds = time.perf_counter() - started
                 progress.update(loss.item(), self.optimizer.param_groups[0]["lr"], int(count) * ddp.world / seconds)
+            if not self.estimated and i + 1 == min(ESTIMATE_AFTER, batches):
+                self.estimated = True
+                if ddp.main:
+                    logger.info(estimate_line(seconds / (i + 1) * batches, cfg.epochs - epoch + 1))
         progress.close()
         seconds = time.perf_counter() - started
         for t in (loss_sum, count, skipped):
@@ -288,16 +295,14 @@ class Engine:
 
     def validate(self, row: dict) -> None:
         """Add the task's validation metrics (model, and EMA as `ema_*` when there is one) to the row."""
-        result = self.task.validate(self.model, self.ddp, self.device, self.dtype)
-        if result is None:
-            return
+        result = self.task.validate(self.model, self.ddp, self.device, self.dtype, row["epoch"])
         skipped, first = result.pop("skipped", 0), result.pop("first_unreadable", None)
         row.update(result)
         row["skipped_images"] += skipped
         report_unreadable(self.cfg, self.ddp, f"epoch {row['epoch']}: validation", skipped, first,
                           row["skipped_images"])
         if self.ema is not None:
-            ema = self.task.validate(self.ema.module, self.ddp, self.device, self.dtype)
+            ema = self.task.validate(self.ema.module, self.ddp, self.device, self.dtype, row["epoch"])
             row.update({f"ema_{k}": v for k, v in ema.items() if k not in ("skipped", "first_unreadable")})
 
 
@@ -319,6 +324,7 @@ def run(task: Task, resume: str | Path | None = None, distributed: bool = False,
     run_dir = RunDir.create(run_path) if ddp.main else None
 
     engine = Engine(task, ddp, device)
+    cfg = task.cfg
     if cfg.init and state is None:
         say(f"initialised from {cfg.init}:\n{task.initialise(cfg.init)}")
     engine.prepare()
@@ -375,6 +381,13 @@ def run(task: Task, resume: str | Path | None = None, distributed: bool = False,
     if ddp.world > 1:
         dist.barrier()
     return last
+
+
+def estimate_line(epoch_seconds: float, epochs_left: int) -> str:
+    total = epoch_seconds * epochs_left
+    when = time.strftime("%H:%M", time.localtime(time.time() + total))
+    return (f"estimated training time: {total / 60:.1f} min ({epoch_seconds:.0f} s per epoch x {epochs_left} epochs, "
+            f"from the first batches; validation adds to it), done about {when}")
 
 
 def report_unreadable(cfg, ddp: Dist, where: str, skipped: int, first: Unreadable | None,

@@ -73,13 +73,15 @@ class RunDir:
         fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
         first = rows[0] if rows else {}
-        if first.get("val_loss") is not None:
-            ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
+        if any(r.get("val_loss") is not None for r in rows):
+            ax_loss.plot(epochs, [float("nan") if r.get("val_loss") is None else r["val_loss"] for r in rows],
+                         label="val")
         family = score_key.rstrip("0123456789")      # val_acc1 -> val_acc: top-1 and top-5 together
-        for key in [k for k in first if k.startswith(family) and first[k] is not None]:
+        for key in [k for k in first if k.startswith(family)]:
             for name in (key, f"ema_{key}"):
-                if first.get(name) is not None:
-                    ax_score.plot(epochs, [r[name] for r in rows], label=name.replace("val_", ""))
+                if any(r.get(name) is not None for r in rows):
+                    values = [float("nan") if r.get(name) is None else r[name] for r in rows]
+                    ax_score.plot(epochs, values, marker=".", label=name.replace("val_", ""))
         ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
         ax_score.set(xlabel="epoch", ylabel=family.replace("val_", ""), title="validation")
         for ax in (ax_loss, ax_score):
