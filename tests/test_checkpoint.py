@@ -185,7 +185,7 @@ def test_layout_round_trip(version, layout):
         source.small_map = "pad"
     else:
         assert report.small_map is None and target.small_map == "clamp"
-    if layout in ("official", "torchvision"):
+    if layout in ("official", "torchvision", "openmmlab"):
         assert report.ignored_buffers, "the persisted derived buffers should be reported as ignored"
         assert all(k.rsplit(".", 1)[-1] in swinx.weights.layouts.DERIVED_BUFFERS for k in report.ignored_buffers)
     else:
@@ -197,6 +197,27 @@ def test_layout_round_trip(version, layout):
     explicit = small(version, seed=9)
     assert load_checkpoint(explicit, exported, layout=layout).layout == layout
     assert_same_state(explicit.state_dict(), source.state_dict())
+
+
+def test_unfold_order_is_nn_unfolds_channel_order():
+    """OpenMMLab's patch merging reads the 2x2 neighbourhood through nn.Unfold(2, stride=2); ours concatenates
+    [x(0,0), x(1,0), x(0,1), x(1,1)]. unfold_order maps one onto the other: unfolded[m] = ours[order[m]]."""
+    from swinx.model.swin import PatchMerging
+    from swinx.weights.layouts import unfold_order
+
+    B, H, W, C = 2, 6, 8, 5
+    x = torch.randn(B, H, W, C)
+    merging = PatchMerging(C)
+    torch.nn.init.eye_(merging.reduction.weight)  # (2C, 4C): the first 2C concatenated channels come out
+    captured = {}
+    merging.norm.register_forward_hook(lambda module, args, out: captured.setdefault("ours", args[0]))
+    merging(x)
+    ours = captured["ours"]  # (B, H/2, W/2, 4C) in our order
+    unfolded = torch.nn.Unfold(2, stride=2)(x.permute(0, 3, 1, 2))  # (B, 4C, H/2 * W/2), channel-major
+    unfolded = unfolded.transpose(1, 2).reshape(B, H // 2, W // 2, 4 * C)
+    order = unfold_order(4 * C)
+    assert torch.equal(unfolded, ours[..., order])
+    assert sorted(order.tolist()) == list(range(4 * C)) and not torch.equal(order, torch.arange(4 * C))
 
 
 def test_detect_layout_swinx_vs_official():
@@ -432,7 +453,7 @@ def test_head_22k_remapped_to_1k():
 
 
 @VERSIONS
-@pytest.mark.parametrize("layout", ["swinx", "timm", "hf"])
+@pytest.mark.parametrize("layout", ["swinx", "timm", "hf", "openmmlab"])
 def test_head_dropped_by_headless_model(version, layout):
     source = small(version, seed=1)
     target = small(version, seed=2, num_classes=0)
@@ -446,7 +467,7 @@ def test_head_dropped_by_headless_model(version, layout):
 
 
 @VERSIONS
-@pytest.mark.parametrize("layout", ["swinx", "official", "timm", "torchvision", "hf"])
+@pytest.mark.parametrize("layout", ["swinx", "official", "timm", "torchvision", "hf", "openmmlab"])
 def test_backbone_only_checkpoint_keeps_head(version, layout):
     source = small(version, seed=1)
     state = export_state_dict(source, layout)

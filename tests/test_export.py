@@ -5,6 +5,7 @@ import json
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import swinx
@@ -30,7 +31,7 @@ def small_model(version=1, small_map="clamp", pretrained=0, classes=5, **overrid
     return randomize(swinx.SwinTransformer(config)).eval()
 
 
-@pytest.mark.parametrize("small_map", ["clamp", "pad"])
+@pytest.mark.parametrize("small_map", ["clamp", "pad", "pad_shift"])
 @pytest.mark.parametrize("version,pretrained", [(1, 0), (2, 0), (2, 5)])
 def test_indexed_window_attention_equals_pad_roll_partition(version, pretrained, small_map):
     model = small_model(version, small_map, pretrained)
@@ -46,11 +47,12 @@ def test_indexed_window_attention_equals_pad_roll_partition(version, pretrained,
             assert (got - expected).abs().max() < 1e-5, (H, W, block.shift_size)
 
 
-def test_window_index_covers_every_token_once_and_marks_the_shift():
+@pytest.mark.parametrize("small_map", ["clamp", "pad_shift"])
+def test_window_index_covers_every_token_once_and_marks_the_shift(small_map):
     for H, W in MAPS:
         for shift in (0, 3):
-            index = window_index(H, W, 7, shift)
-            g = window_geometry(H, W, 7, shift)
+            index = window_index(H, W, 7, shift, small_map)
+            g = window_geometry(H, W, 7, shift, small_map)
             # scatter is a permutation into real slots: every token read back from exactly its own slot
             assert index.scatter.unique().numel() == H * W
             assert torch.equal(index.gather[index.scatter], torch.arange(H * W))
@@ -62,6 +64,47 @@ def test_window_index_covers_every_token_once_and_marks_the_shift():
             labels = index.labels[:-1, index.used]  # the real windows' slots
             mixed = (labels != labels[:, :1]).any(1)  # windows with more than one region
             assert bool(mixed.any()) == g.has_shift
+
+
+def mmdet_window_attention(block, x: torch.Tensor) -> torch.Tensor:
+    """mmdetection's ShiftWindowMSA geometry on a (B, H, W, C) map, written out independently of windows.py:
+    pad to a multiple of the window, roll by the block's shift whatever the map size, mask by the padded map's
+    nine slices, attend per window (our attention module with that bias), reverse, crop. -> (B, H, W, C)."""
+    from test_windows import mmdet_style_mask
+
+    B, H, W, C = x.shape
+    M, s = block.window_size, block.shift_size
+    x = F.pad(x, (0, 0, 0, (M - W % M) % M, 0, (M - H % M) % M))
+    Hp, Wp = x.shape[1:3]
+    bias = block.attn.position_bias((M, M))[None]  # (1, heads, N, N)
+    if s:
+        x = torch.roll(x, (-s, -s), (1, 2))
+        bias = bias + mmdet_style_mask(Hp, Wp, M, s)[:, None]
+    windows = x.view(B, Hp // M, M, Wp // M, M, C).permute(0, 1, 3, 2, 4, 5).reshape(B, -1, M * M, C)
+    out = block.attn(windows, bias=bias)
+    out = out.view(B, Hp // M, Wp // M, M, M, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    if s:
+        out = torch.roll(out, (s, s), (1, 2))
+    return out[:, :H, :W]
+
+
+def test_pad_shift_is_mmdetections_rule():
+    """Eager pad_shift equals mmdetection's geometry on every map, the ones smaller than a window included,
+    and differs from the clamp rule where a shifted block meets a map of one window on a side. (Not on maps of
+    at most `shift` tokens a side: the roll puts them all in the last region, alone with each other, which is
+    the clamped window's attention.)"""
+    model = small_model(1, "pad_shift")
+    clamp = small_model(1, "clamp")
+    torch.manual_seed(2)
+    for block, other in zip(model.blocks(), clamp.blocks()):
+        dim = block.norm1.normalized_shape[0]
+        for H, W in MAPS:
+            x = torch.randn(2, H, W, dim)
+            with torch.no_grad():
+                got = block.window_attention(x)
+                assert (got - mmdet_window_attention(block, x)).abs().max() < 1e-5, (H, W, block.shift_size)
+                if block.shift_size and block.shift_size < min(H, W) <= 7:
+                    assert (got - other.window_attention(x)).abs().max() > 1e-3, (H, W)
 
 
 def check_acceptance_sizes(path, model, sizes, batches):
@@ -114,6 +157,17 @@ def test_onnx_opsets_and_attention_choices(opset, attention, tmp_path):
     assert ("Attention" in ops) == (opset >= 23 and attention == "fused")
     assert "If" not in ops  # one graph for every size, no branch on it
     assert model.blocks().__next__().attn.fused  # the caller's model is left as it was
+
+
+@pytest.mark.slow
+def test_onnx_export_pad_shift(tmp_path):
+    """One ONNX export of a pad_shift model (OpenMMLab's rule) runs sizes whose last maps are padded to a
+    single window with the shift kept (30x101: stage maps 8x26, 4x13, 2x7), and larger ones, with no `If`."""
+    model = small_model(1, "pad_shift")
+    report = export_onnx(model, tmp_path / "m.onnx", sizes=[(30, 101)], batches=(1,))
+    assert report.max_abs_diff <= 1e-4
+    assert check_acceptance_sizes(tmp_path / "m.onnx", model, [(17, 40), (56, 56), (120, 33)], (1, 2)) <= 1e-4
+    assert "If" not in {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
 
 
 @pytest.mark.slow

@@ -146,6 +146,25 @@ def test_drawn_masks_are_the_models(size, stage):
         assert torch.equal(by_kind[(r == rows - 1, c == cols - 1)].allowed, reference[flat] == 0)
 
 
+def test_pad_shift_keeps_the_shift_on_one_window_maps(chelsea, tmp_path):
+    """OpenMMLab's rule: at 224 swin_t's last map is 7x7, one window, and stays shifted, so its mask can be
+    drawn (the clamp rule has nothing to draw there); the one window mixes four regions, as the model's mask."""
+    config = swinx.get_config("swin_t", small_map="pad_shift")
+    small = viz.stage_layouts(config, (64, 96))[2]      # a 4x6 map: padded to 7x7, shift kept
+    assert small.padded == (7, 7) and small.shifted.window == (7, 7) and small.shifted.shift == (3, 3)
+    layout = viz.stage_layouts(config, (224, 224))[3]
+    g = layout.shifted
+    kinds = viz.window_kinds(*layout.padded, g.window, g.shift)
+    assert [k.name for k in kinds] == ["bottom-right corner"]
+    assert torch.equal(kinds[0].allowed, shift_mask(*layout.padded, g.window, g.shift)[0] == 0)
+    assert sorted(set(kinds[0].labels.tolist())) == [4, 5, 7, 8]
+    with pytest.raises(ValueError, match="no shifted windows"):
+        viz.draw_mask(tmp_path / "clamp.png", "swin_t", size=(224, 224), stage=4)
+    check_png(viz.draw_mask(tmp_path / "mask.png", "swin_t", size=(224, 224), stage=4, small_map="pad_shift"),
+              min_colors=2)
+    check_png(viz.draw_windows(chelsea, tmp_path / "windows.png", "swin_t", size=(100, 150), small_map="pad_shift"))
+
+
 def test_mask_picture(tmp_path):
     out = tmp_path / "mask.png"
     assert main(["viz", "mask", "--size", *map(str, CHELSEA_HW), "--stage", "2", "--out", str(out)]) == 0

@@ -53,8 +53,41 @@ def test_geometry_rules():
     # pad (torchvision): window kept, map padded, shift off per axis the window covers
     assert window_geometry(7, 10, 7, 3, "pad") == ((7, 7), (0, 3), (0, 4))
     assert window_geometry(4, 6, 7, 3, "pad") == ((7, 7), (0, 0), (3, 1))
+    # pad_shift (OpenMMLab: mmdetection; mmpretrain / mmsegmentation with pad_small_map=True): window and shift kept
+    assert window_geometry(56, 56, 7, 3, "pad_shift") == ((7, 7), (3, 3), (0, 0))
+    assert window_geometry(7, 10, 7, 3, "pad_shift") == ((7, 7), (3, 3), (0, 4))
+    assert window_geometry(4, 6, 7, 3, "pad_shift") == ((7, 7), (3, 3), (3, 1))
+    assert window_geometry(1, 1, 7, 0, "pad_shift") == ((7, 7), (0, 0), (6, 6))  # regular blocks stay unshifted
     with pytest.raises(ValueError, match="small_map"):
         window_geometry(7, 7, 7, 3, "shrink")
+
+
+def mmdet_style_mask(height: int, width: int, window: int, shift: int) -> torch.Tensor:
+    """The mask as mmdetection's ShiftWindowMSA builds it, written independently of windows.py:
+    label the padded map by the slices [0, -M), [-M, -s), [-s, None) per axis, then compare labels
+    inside each window. (nW, N, N) with 0 / MASK_FILL."""
+    img = torch.zeros(height, width)
+    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    count = 0
+    for h in slices:
+        for w in slices:
+            img[h, w] = count
+            count += 1
+    windows = img.view(height // window, window, width // window, window).permute(0, 2, 1, 3).reshape(-1, window ** 2)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.where(diff != 0, MASK_FILL, 0.0)
+
+
+@pytest.mark.parametrize("height,width", [(7, 7), (7, 14), (14, 7), (14, 21)])
+def test_shift_mask_of_a_kept_shift_is_mmdetections(height, width):
+    """pad_shift keeps the shift on maps padded to one window: the mask is mmdetection's, whose first slice
+    [0, -M) is then empty, so a one-window map still splits into 2 x 2 regions (labels 4, 5, 7, 8)."""
+    ours = shift_mask(height, width, (7, 7), (3, 3))
+    assert torch.equal(ours, mmdet_style_mask(height, width, 7, 3))
+    if (height, width) == (7, 7):
+        assert ours.shape == (1, 49, 49)
+        assert region_labels(7, 7, (7, 7), (3, 3)).unique().tolist() == [4, 5, 7, 8]
+        assert (ours[0] == 0).sum() == 16 * 16 + 12 * 12 + 12 * 12 + 9 * 9  # regions of 4x4, 4x3, 3x4, 3x3 tokens
 
 
 def test_relative_position_index():

@@ -15,6 +15,7 @@ import torch
 import swinx
 from swinx.weights.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
 from swinx.classification.data import DataError
+from swinx.model.windows import SMALL_MAP_POLICIES
 from swinx.weights.layouts import detect_layout, infer_config
 from swinx.classification.recipe import TrainError
 
@@ -32,6 +33,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from swinx.weights.checkpoint import BACKBONE_LAYOUTS
+    from swinx.weights.layouts import OUTPUT_NORM, normalise_prefix
+
     source = Path(args.source)
     state, wrapped = read_state_dict(source)
     if args.model is None and source.suffix == ".safetensors" and "config" in read_metadata(source):
@@ -41,8 +45,14 @@ def cmd_convert(args) -> int:
         config = infer_config(state, layout)
         if args.model is not None:
             config = swinx.get_config(args.model, num_classes=config.num_classes)
-        model = swinx.SwinTransformer(config)
+        # A dense backbone (output norms norm{i}, no head) stays one where the target layout can hold it.
+        outputs = sorted({int(m[1]) for k in normalise_prefix(state, layout) if (m := OUTPUT_NORM.fullmatch(k))})
+        if outputs and config.num_classes == 0 and args.to in BACKBONE_LAYOUTS:
+            model = swinx.SwinBackbone(config, out_indices=outputs)
+        else:
+            model = swinx.SwinTransformer(config)
         print(swinx.load_checkpoint(model, state, layout=layout), file=sys.stderr)
+    backbone = isinstance(model, swinx.SwinBackbone)
     out = Path(args.output)
     if args.to == "swinx" and out.suffix == ".safetensors":
         swinx.save_model(model, out)
@@ -53,9 +63,16 @@ def cmd_convert(args) -> int:
 
             atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
         else:
-            payload = {"model": state} if args.to == "official" else state
+            if args.to == "official":
+                payload = {"model": state}
+            elif args.to == "openmmlab":  # as mmengine saves a model: what mmdet / mmpretrain load_from reads
+                meta = {"converted_by": f"swinx {swinx.__version__}", "swinx_config": model.config.to_dict()}
+                payload = {"meta": meta, "state_dict": state}
+            else:
+                payload = state
             atomic_write(out, lambda tmp: torch.save(payload, tmp))
-    print(f"wrote {out} ({args.to} layout, {model.num_classes} classes)")
+    what = f"backbone, outputs {list(model.out_indices)}" if backbone else f"{model.num_classes} classes"
+    print(f"wrote {out} ({args.to} layout, {what})")
     return 0
 
 
@@ -103,22 +120,28 @@ TRAIN_HELP = {
 }
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; a flag left out keeps the preset, YAML or default value."""
+def add_config_flags(parser: argparse.ArgumentParser, config_class=None, helps: dict | None = None) -> None:
+    """One flag per field of a task's settings dataclass (TrainConfig by default); a flag left out
+    keeps the preset, YAML or default value."""
     import dataclasses
     import json
 
-    from swinx.classification.recipe import TrainConfig
+    if config_class is None:
+        from swinx.classification.recipe import TrainConfig as config_class
+    helps = TRAIN_HELP if helps is None else helps
 
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
-        default = TrainConfig.__dataclass_fields__[f.name]
+        default = config_class.__dataclass_fields__[f.name]
         value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
-        help_text = TRAIN_HELP.get(f.name, "")
+        help_text = helps.get(f.name, "")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(value, tuple):
             parser.add_argument(flag, type=float, nargs="+", default=None, help=help_text or "one value per channel")
+        elif isinstance(value, list) or str(f.type).startswith("list"):
+            parser.add_argument(flag, nargs="+", type=_number_or_text, default=None,
+                                help=f"{help_text} (default {value})".strip())
         elif isinstance(value, dict):
             parser.add_argument(flag, type=json.loads, default=None, help=help_text)
         elif str(f.type).startswith(("int", "float")):
@@ -126,6 +149,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default {value})".strip())
         else:
             parser.add_argument(flag, default=None, help=help_text)
+
+
+def _number_or_text(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def cmd_train(args) -> int:
@@ -339,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune (default: a small Swin on the built-in MNIST digits)")
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    add_train_flags(p)
+    add_config_flags(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and a confusion matrix")
@@ -418,14 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("image", help="image file (any size; drawn at its own size unless --size)")
     v.add_argument("--model", default="swin_t", help="variant or alias whose geometry to draw")
     v.add_argument("--size", **size, help="resize the image to H W first")
-    v.add_argument("--small-map", choices=("clamp", "pad"), help="small-map rule (default: the model's)")
+    v.add_argument("--small-map", choices=SMALL_MAP_POLICIES, help="small-map rule (default: the model's)")
     v.add_argument("--out", required=True, help="PNG to write")
     v.add_argument("--dpi", type=int, default=120)
     v = views.add_parser("mask", help="a stage's shifted-window attention mask (which tokens may attend to which)")
     v.add_argument("--model", default="swin_t", help="variant or alias")
     v.add_argument("--size", **size, help="input image size (default: the model's)")
     v.add_argument("--stage", type=int, default=1, help="stage, from 1 (default 1)")
-    v.add_argument("--small-map", choices=("clamp", "pad"), help="small-map rule (default: the model's)")
+    v.add_argument("--small-map", choices=SMALL_MAP_POLICIES, help="small-map rule (default: the model's)")
     v.add_argument("--out", required=True, help="PNG to write")
     v.add_argument("--dpi", type=int, default=130)
     v = views.add_parser("attention", help="a block's attention maps stitched back onto the image")
@@ -457,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dpi", type=int, default=130)
     p.set_defaults(run=cmd_viz)
 
+    from swinx.detection.cli import add_detect_parser
+
+    add_detect_parser(sub)
+
     p = sub.add_parser("demo", help="smoke demo: any input size, every checkpoint layout")
     p.add_argument("--model", default="swin_t")
     p.set_defaults(run=cmd_demo)
@@ -484,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (CheckpointError, DataError, TrainError, ValueError, TypeError, OSError) as e:
-        print(f"swinx {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        print(f"swinx {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"swinx {args.command}: interrupted", file=sys.stderr)

@@ -131,6 +131,7 @@ class Task(Protocol):
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
     def describe(self, engine: Engine) -> str: ...
+    # optional: start_epoch(epoch), called after the engine reseeded every RNG for that epoch
     def epoch_line(self, row: dict) -> str: ...
     def final_line(self, last: dict, best: Best, run_path: Path) -> str: ...
 
@@ -232,6 +233,8 @@ class Engine:
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         loader.generator = seed_epoch(cfg.seed, epoch, ddp.rank)
+        if hasattr(self.task, "start_epoch"):
+            self.task.start_epoch(epoch)
         self.net.train()
         progress = Progress(cfg, ddp, len(loader), epoch, cfg.epochs)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -303,7 +306,7 @@ class Engine:
                           row["skipped_images"])
         if self.ema is not None:
             ema = self.task.validate(self.ema.module, self.ddp, self.device, self.dtype, row["epoch"])
-            row.update({f"ema_{k}": v for k, v in ema.items() if k not in ("skipped", "first_unreadable")})
+            row.update({f"ema_{k}": v for k, v in ema.items() if k.startswith("val_")})
 
 
 def run(task: Task, resume: str | Path | None = None, distributed: bool = False,

@@ -13,7 +13,8 @@ class SwinConfig:
     """Constructor arguments of the official SwinTransformer / SwinTransformerV2, plus two of ours.
 
     `version` picks V1 or V2. `small_map` says what a block does when the map fits in one
-    window: "clamp" (official, timm, Hugging Face) or "pad" (torchvision). `img_size` is the
+    window: "clamp" (official, timm, Hugging Face), "pad" (torchvision) or "pad_shift"
+    (OpenMMLab with `pad_small_map=True`, mmdetection always). `img_size` is the
     training resolution (absolute position embedding, exported buffers); the model runs on
     any size.
     """

@@ -168,11 +168,13 @@ class SwinStage(nn.Module):
         return x
 
 
-class SwinTransformer(nn.Module):
-    """Swin Transformer V1 / V2 classifier on images of any size and aspect ratio.
+class SwinTrunk(nn.Module):
+    """Patch embedding, absolute position embedding and the stages: what the classifier
+    (`SwinTransformer`) and the dense backbone (`swinx.model.backbone.SwinBackbone`) share.
 
-    Input (B, in_chans, H, W) float; logits (B, num_classes). Parameter names follow the
-    official implementation, so its checkpoints load as they are.
+    Parameter names are the official ones (`patch_embed.*`, `absolute_pos_embed`,
+    `layers.i.*`), so the two load the same checkpoints. Subclasses add their outputs and
+    then call `self.apply(self._init_weights)`.
     """
 
     def __init__(self, config: SwinConfig | None = None, **overrides):
@@ -180,7 +182,7 @@ class SwinTransformer(nn.Module):
         config = (config or SwinConfig()).replace(**overrides) if overrides else (config or SwinConfig())
         self.config = config
         c = config
-        self.num_classes, self.num_features = c.num_classes, c.num_features
+        self.num_features = c.num_features
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim, c.patch_norm)
         self.grid_size = tuple(-(-s // c.patch_size) for s in c.img_hw)
         if c.ape:
@@ -196,10 +198,6 @@ class SwinTransformer(nn.Module):
             self.layers.append(SwinStage(c.embed_dim * 2 ** i, depth, c.num_heads[i], c.window_size,
                                          rates[start:start + depth], i < len(c.depths) - 1, c,
                                          c.pretrained_window_sizes[i]))
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head_drop = nn.Dropout(c.drop_rate)
-        self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -239,14 +237,6 @@ class SwinTransformer(nn.Module):
         position = ("absolute_pos_embed", "relative_position_bias_table", "cpb_mlp", "logit_scale")
         return {name for name, p in self.named_parameters() if p.ndim <= 1 or any(k in name for k in position)}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for `num_classes` (0: no head, pooled features out)."""
-        self.num_classes = num_classes
-        self.config = self.config.replace(num_classes=num_classes)
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        self._init_weights(self.head)
-
     # ----- forward --------------------------------------------------------------------------
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -281,6 +271,45 @@ class SwinTransformer(nn.Module):
                                 align_corners=False).permute(0, 2, 3, 1)
         return pos
 
+    def stage_outputs(self, x: torch.Tensor, stages: int | None = None) -> list[torch.Tensor]:
+        """(B, in_chans, H, W) -> the first `stages` (default: all) stage outputs before their patch
+        merging, channels-last: stage i gives (B, ceil(H / (patch * 2**i)), ceil(W / (patch * 2**i)), C * 2**i)."""
+        stages = len(self.layers) if stages is None else stages
+        x = self._embed(x)
+        outputs = []
+        for i, stage in enumerate(self.layers[:stages]):
+            x = stage(x)
+            outputs.append(x)
+            if stage.downsample is not None and i + 1 < stages:  # the last map asked for needs no merging
+                x = stage.downsample(x)
+        return outputs
+
+
+class SwinTransformer(SwinTrunk):
+    """Swin Transformer V1 / V2 classifier on images of any size and aspect ratio.
+
+    Input (B, in_chans, H, W) float; logits (B, num_classes). Parameter names follow the
+    official implementation, so its checkpoints load as they are.
+    """
+
+    def __init__(self, config: SwinConfig | None = None, **overrides):
+        super().__init__(config, **overrides)
+        c = self.config
+        self.num_classes = c.num_classes
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(c.drop_rate)
+        self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for `num_classes` (0: no head, pooled features out)."""
+        self.num_classes = num_classes
+        self.config = self.config.replace(num_classes=num_classes)
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self._init_weights(self.head)
+
+    # ----- forward --------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised last-stage map (B, H/32, W/32, num_features)."""
         x = self._embed(x)
@@ -300,11 +329,4 @@ class SwinTransformer(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of every stage before its patch merging, each (B, C_i, H_i, W_i): multi-scale features."""
-        x = self._embed(x)
-        features = []
-        for stage in self.layers:
-            x = stage(x)
-            features.append(x.permute(0, 3, 1, 2))
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return features
+        return [f.permute(0, 3, 1, 2) for f in self.stage_outputs(x)]

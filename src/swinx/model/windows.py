@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-SMALL_MAP_POLICIES = ("clamp", "pad")
+SMALL_MAP_POLICIES = ("clamp", "pad", "pad_shift")
 
 # The official code fills masked pairs with -100 rather than -inf: a fully
 # masked row (impossible here, but cheap insurance) then stays finite, and every
@@ -38,6 +38,11 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
     shorter side gets a square window of that side and no shift.
     "pad" (torchvision): the window never changes; the map is padded up to it, and the
     shift turns off along each axis whose padded size the window already covers.
+    "pad_shift" (OpenMMLab: mmdetection's Swin, mmpretrain / mmsegmentation with
+    `pad_small_map=True`): the window never changes, the map is padded up to it, and the
+    shift is kept whatever the size. A padded map of exactly one window then still has a
+    shift mask: along each axis its rows split into [0, M - s) and [M - s, M) (the first of
+    the nine regions is empty), as mmdetection's mask over the padded map's slices gives.
 
     Written without branches on the sizes (min, max and products instead of `if`), so that
     an exported graph with symbolic height and width computes the geometry of every input
@@ -54,6 +59,9 @@ def window_geometry(height: int, width: int, window: int, shift: int, small_map:
         # The padded size is a multiple of the window, so it exceeds the window iff the size does.
         shifts = (shift * _positive(height - window), shift * _positive(width - window))
         return WindowGeometry((window, window), shifts, pad)
+    if small_map == "pad_shift":
+        pad = (round_up(height, window) - height, round_up(width, window) - width)
+        return WindowGeometry((window, window), (shift, shift), pad)
     raise ValueError(f"small_map must be one of {SMALL_MAP_POLICIES}, got {small_map!r}")
 
 
@@ -177,7 +185,9 @@ def window_index(height: int, width: int, window: int, shift: int, small_map: st
     """The `WindowIndex` of a block with nominal `window` and `shift` on an (height, width) map.
 
     Equivalent to pad_map, cyclic_shift, window_partition and region_labels with
-    `window_geometry`'s choices, including the clamp and pad rules for small maps.
+    `window_geometry`'s choices, including the clamp, pad and pad_shift rules for small maps
+    (pad_shift on a one-window map: the region formula below gives labels 1 and 2 per axis,
+    region 0 being empty, as in `region_labels`).
     """
     geometry = window_geometry(height, width, window, shift, small_map)
     w, (sh, sw), M = geometry.window[0], geometry.shift, window

@@ -414,7 +414,7 @@ def record(rows: list[dict], out_dir, device: torch.device) -> str:
     return str(path)
 
 
-if __name__ == "__main__":      # python -m swinx.bench SPEC_JSON IMPL: the peak-RSS probe
+if __name__ == "__main__":      # python -m swinx.tools.bench SPEC_JSON IMPL: the peak-RSS probe
     import sys
 
     _rss_main(sys.argv[1], sys.argv[2])

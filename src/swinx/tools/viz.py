@@ -659,6 +659,8 @@ def _no_shift_reason(layout: StageLayout, small_map: str) -> str:
                 f"{layout.window_counts(1)[0] * layout.window_counts(1)[1]} window(s)")
     if small_map == "clamp":
         return f"fits one {layout.window_size}x{layout.window_size} window:\nno shift (clamp rule)"
+    if small_map == "pad_shift":  # the shift is kept at every size: only a 1-token window has none
+        return f"window {layout.window_size} has no shift (pad_shift rule)"
     return "each padded axis fits one window:\nno shift (pad rule)"
 
 

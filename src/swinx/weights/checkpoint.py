@@ -16,10 +16,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from swinx.weights import layouts
+from swinx.model.backbone import SwinBackbone
 from swinx.model.config import SwinConfig
-from swinx.model.swin import SwinTransformer
 from swinx.model.position import resize_bias_table, table_window
+from swinx.model.swin import SwinTransformer
+from swinx.weights import layouts
 
 IMAGENET_22K_CLASSES = 21841
 
@@ -38,6 +39,12 @@ class LoadReport:
     resized: list[str] = field(default_factory=list)
     head: str = "loaded"
     small_map: str | None = None
+    skipped: list[str] = field(default_factory=list)  # other parts of a detector / segmenter: neck.*, rpn_head.*, ...
+    dropped: list[str] = field(default_factory=list)  # checkpoint tensors this model has no place for (a
+    #                                                   backbone: head and final norm; output norms it lacks)
+    fresh: list[str] = field(default_factory=list)    # our parameters absent from the checkpoint, left as
+    #                                                   initialised (a backbone's output norms)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"layout {self.layout}: {self.loaded} tensors loaded", f"head: {self.head}"]
@@ -45,9 +52,23 @@ class LoadReport:
             lines.append("resized: " + ", ".join(self.resized))
         if self.ignored_buffers:
             lines.append(f"ignored {len(self.ignored_buffers)} derived buffers (index, mask, coordinates)")
+        if self.skipped:
+            parts = sorted({k.split(".", 1)[0] for k in self.skipped})
+            lines.append(f"skipped {len(self.skipped)} tensors of the source's other parts ({', '.join(parts)})")
+        if self.dropped:
+            lines.append("dropped (no place in this model): " + _names(self.dropped))
+        if self.fresh:
+            lines.append("not in the checkpoint, left freshly initialised: " + _names(self.fresh))
         if self.small_map:
             lines.append(f"small_map set to {self.small_map!r} (the source's rule for maps smaller than a window)")
+        lines += self.notes
         return "\n".join(lines)
+
+
+def _names(keys: list[str]) -> str:
+    """weight/bias pairs as one module name: norm0, norm1 rather than norm0.weight, norm0.bias, ..."""
+    modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys))
+    return ", ".join(modules[:8]) + (f" ... ({len(modules)} in all)" if len(modules) > 8 else "")
 
 
 # ----- reading ----------------------------------------------------------------------------------
@@ -101,16 +122,22 @@ def _read_file(path: Path) -> Mapping:
 
 
 # ----- loading into a model ------------------------------------------------------------------------
-def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> LoadReport:
-    """Load weights of any known layout into `model`, strictly; returns a report.
+def load_checkpoint(model: SwinTransformer | SwinBackbone, source, layout: str = "auto") -> LoadReport:
+    """Load weights of any known layout into a classifier or a backbone, strictly; returns a report.
 
     `source`: a path (.pth, .pt, .bin, .safetensors) or a state dict, optionally wrapped as
-    {"model": ...}. `layout`: "auto" or one of swinx.weights.layouts.LAYOUTS. Bias tables are resized
-    to the model's window, a head of another class count is replaced by the model's own
-    (a 21841-class ImageNet-22k head is remapped to ImageNet-1k), and every other mismatch
-    (missing, unexpected or misshapen keys) raises CheckpointError naming them.
+    {"model": ...} or {"state_dict": ...} (mmengine). `layout`: "auto" or one of
+    swinx.weights.layouts.LAYOUTS. Bias tables are resized to the model's window, a head of
+    another class count is replaced by the model's own (a 21841-class ImageNet-22k head is
+    remapped to ImageNet-1k). A whole detector or segmenter (`backbone.*` beside `neck.*`,
+    `roi_head.*`, `decode_head.*`, ...) loads its backbone, the rest skipped. A `SwinBackbone`
+    drops a classifier's head and final norm and keeps its output norms `norm{i}` as
+    initialised unless the checkpoint has them (OpenMMLab, official detection repo); a
+    classifier reads its final norm from a detection backbone's last output norm. Every
+    other mismatch (missing, unexpected or misshapen keys) raises CheckpointError naming them.
     """
     state, wrapped = read_state_dict(source)
+    state, skipped = layouts.model_parts(state)
     if layout == "auto":
         try:
             layout = layouts.detect_layout(state, wrapped)
@@ -118,11 +145,19 @@ def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> Loa
             raise CheckpointError(str(e)) from None
     elif layout not in layouts.LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; choose 'auto' or one of {layouts.LAYOUTS}")
+    state = layouts.normalise_prefix(state, layout)
     if layout.startswith("hf"):
         state = layouts.add_hf_prefix(state, model.config)
-    report = LoadReport(layout)
+    report = LoadReport(layout, skipped=skipped)
     if (why := layouts.unsupported(layout, model.config)) is not None:
         raise CheckpointError(f"cannot load a {layout} checkpoint into this model: {why}")
+    backbone = isinstance(model, SwinBackbone)
+    last = len(model.config.depths) - 1
+    if (not backbone and layout in ("official", "swinx") and "norm.weight" not in state
+            and f"norm{last}.weight" in state):
+        # The official detection repo (and our backbone) names the last stage's norm norm{last}.
+        state = {(f"norm.{k.split('.', 1)[1]}" if k.startswith(f"norm{last}.") else k): v for k, v in state.items()}
+        report.notes.append(f"final norm read from the backbone's output norm norm{last}")
 
     ours = model.state_dict()
     converted, used, missing, mismatched = {}, set(), [], []
@@ -130,32 +165,48 @@ def load_checkpoint(model: SwinTransformer, source, layout: str = "auto") -> Loa
         pieces = layouts.peer_pieces(layout, key, model.config)
         absent = [p.key for p in pieces if p.key not in state]
         if absent:
-            missing += absent
+            if backbone and layouts.OUTPUT_NORM.fullmatch(key):
+                report.fresh.append(key)
+            else:
+                missing += absent
             continue
         parts = [state[p.key].chunk(p.parts, 0)[p.part] if p.parts > 1 else state[p.key] for p in pieces]
         used.update(p.key for p in pieces)
-        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        tensor = torch.cat(parts) if len(parts) > 1 else layouts.from_peer(parts[0], pieces[0])
         converted[key] = _fit(key, tensor, target, model, report, mismatched)
 
-    unexpected = []
-    for key in state.keys() - used:
+    # What a classifier's final norm is called in this layout: a backbone has none.
+    final_norm = {p.key for k in ("norm.weight", "norm.bias") for p in layouts.peer_pieces(layout, k, model.config)}
+    unexpected, head_dropped = [], False
+    for key in sorted(state.keys() - used):
         if key.rsplit(".", 1)[-1] in layouts.DERIVED_BUFFERS:
             report.ignored_buffers.append(key)
-        elif model.num_classes == 0 and _is_head(key):
+        elif backbone and _is_head(key):
+            head_dropped = True
+            report.dropped.append(key)
+        elif (backbone and key in final_norm) or layouts.OUTPUT_NORM.fullmatch(key):
+            report.dropped.append(key)  # a backbone's final norm, or an output norm this model lacks
+        elif not backbone and model.num_classes == 0 and _is_head(key):
             report.head = "source head dropped (the model has no classifier)"
         else:
             unexpected.append(key)
+    if backbone:
+        report.head = ("head dropped (a backbone has no classifier; its final norm too)" if head_dropped
+                       else "none (a backbone has no classifier)")
     if missing and all(_is_head(k) for k in missing):  # a backbone-only checkpoint
         report.head = "kept the model's own: the checkpoint has no classifier"
         missing = []
     if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_message(layout, missing, unexpected, mismatched, state, model.config))
+        raise CheckpointError(_mismatch_message(layout, missing, unexpected, mismatched, state, model))
 
     model.load_state_dict({**ours, **converted}, strict=True)
     for block in model.blocks():
         block.attn._cache.clear()
     if layout == "torchvision" and model.small_map != "pad":
         model.small_map = report.small_map = "pad"
+    if layout == "openmmlab" and model.small_map != "pad_shift":
+        report.notes.append(f"small_map kept {model.small_map!r}: mmdetection (and pad_small_map=True) uses "
+                            "'pad_shift', mmpretrain's default equals 'clamp' (model.small_map = ... to change)")
     report.loaded = len(converted)
     return report
 
@@ -206,12 +257,14 @@ def imagenet_22k_to_1k() -> torch.Tensor:
     return torch.tensor([int(line) for line in text.split()])
 
 
-def _describe(c: SwinConfig) -> str:
+def _describe(c: SwinConfig, backbone: bool = False) -> str:
     return (f"V{c.version}, embed_dim {c.embed_dim}, depths {c.depths}, num_heads {c.num_heads}, "
-            f"window {c.window_size}, {c.num_classes} classes")
+            f"window {c.window_size}, " + ("a backbone" if backbone else f"{c.num_classes} classes"))
 
 
-def _mismatch_message(layout, missing, unexpected, mismatched, state, config: SwinConfig) -> str:
+def _mismatch_message(layout, missing, unexpected, mismatched, state, model) -> str:
+    config = model.config
+
     def listing(items):
         shown = ", ".join(str(i) for i in sorted(items)[:8])
         return shown + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
@@ -227,18 +280,33 @@ def _mismatch_message(layout, missing, unexpected, mismatched, state, config: Sw
         found = f"The checkpoint looks like {_describe(layouts.infer_config(state, layout))}; the model is "
     except (ValueError, KeyError, AttributeError, StopIteration):
         found = "The model is "
-    lines.append(found + _describe(config) + ". Build the model the checkpoint was made for "
+    lines.append(found + _describe(config, isinstance(model, SwinBackbone)) + ". Build the model "
+                 "the checkpoint was made for "
                  "(swinx.list_models(), swinx.weights.layouts.infer_config), or pass layout= explicitly.")
     return "\n".join(lines)
 
 
 # ----- exporting -----------------------------------------------------------------------------------
-def export_state_dict(model: SwinTransformer, layout: str = "swinx") -> dict[str, torch.Tensor]:
-    """`model`'s weights under another layout's names, loadable strictly by that peer's own class."""
+BACKBONE_LAYOUTS = ("swinx", "openmmlab")  # the layouts with a place for a backbone's output norms
+
+
+def export_state_dict(model: SwinTransformer | SwinBackbone, layout: str = "swinx") -> dict[str, torch.Tensor]:
+    """`model`'s weights under another layout's names, loadable strictly by that peer's own class.
+
+    "openmmlab" gives the whole mm model's state dict, as mmengine saves it under "state_dict":
+    `backbone.<key>` (with the index and V2 coordinate buffers mm persists) and, for a
+    classifier, `head.fc.*` (mmpretrain's ImageClassifier with a LinearClsHead, whose backbone
+    has one output norm, norm{L-1}: our final norm). mmdetection's Swin keeps exactly the
+    `backbone.` keys of such a file. A backbone exports to "swinx" and "openmmlab" only: the
+    other layouts have no output norms.
+    """
     if layout not in layouts.LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {layouts.LAYOUTS}")
     if (why := layouts.unsupported(layout, model.config)) is not None:
         raise ValueError(f"cannot export to the {layout} layout: {why}")
+    if isinstance(model, SwinBackbone) and layout not in BACKBONE_LAYOUTS:
+        raise ValueError(f"cannot export a backbone to the {layout} layout: it has no output norms (norm0..); "
+                         f"choose one of {BACKBONE_LAYOUTS}")
     out: dict[str, torch.Tensor] = {}
     split: dict[str, dict[int, torch.Tensor]] = {}
     for key, tensor in model.state_dict().items():
@@ -249,7 +317,7 @@ def export_state_dict(model: SwinTransformer, layout: str = "swinx") -> dict[str
         elif pieces[0].parts > 1:  # our tensor is a part of one peer tensor
             split.setdefault(pieces[0].key, {})[pieces[0].part] = tensor
         else:
-            out[pieces[0].key] = tensor.clone()
+            out[pieces[0].key] = layouts.to_peer(tensor, pieces[0]).clone()
     for key, parts in split.items():
         like = next(iter(parts.values()))
         out[key] = torch.cat([parts.get(i, torch.zeros_like(like)) for i in range(3)])
@@ -282,13 +350,19 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.close(dir_fd)
 
 
-def save_model(model: SwinTransformer, path: str | os.PathLike, class_names: list[str] | None = None,
+def save_model(model: SwinTransformer | SwinBackbone, path: str | os.PathLike, class_names: list[str] | None = None,
                extra_metadata: dict[str, str] | None = None) -> None:
-    """Write weights as safetensors with the config (and class names) in the metadata, atomically."""
+    """Write weights as safetensors with the config (and class names) in the metadata, atomically.
+
+    A backbone also records its out_indices, frozen_stages and norm_eval, and `load_model` rebuilds it."""
     class_names = class_names if class_names is not None else getattr(model, "class_names", None)
-    if class_names is not None and len(class_names) != model.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
+    classes = getattr(model, "num_classes", 0)
+    if class_names is not None and len(class_names) != classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {classes} classes")
     metadata = {"format": "swinx", "config": json.dumps(model.config.to_dict())}
+    if isinstance(model, SwinBackbone):
+        metadata["backbone"] = json.dumps({"out_indices": list(model.out_indices), "norm_eval": model.norm_eval,
+                                           "frozen_stages": model.frozen_stages})
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
     metadata.update(extra_metadata or {})
@@ -306,15 +380,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a safetensors file written by swinx.save_model ({e})") from e
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SwinTransformer:
-    """Rebuild a model saved by `save_model` without being told its variant; sets `model.class_names`."""
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SwinTransformer | SwinBackbone:
+    """Rebuild a model (or backbone) saved by `save_model` without being told its variant; sets `class_names`."""
     if not Path(path).is_file():
         raise CheckpointError(f"model file {path} does not exist")
     metadata = read_metadata(path)
     if metadata.get("format") != "swinx" or "config" not in metadata:
         raise CheckpointError(f"{path} has no swinx config in its metadata; build the model with "
                               "swinx.create_model(...) and use swinx.load_checkpoint(model, path)")
-    model = SwinTransformer(SwinConfig.from_dict(json.loads(metadata["config"])))
+    config = SwinConfig.from_dict(json.loads(metadata["config"]))
+    if "backbone" in metadata:
+        model = SwinBackbone(config, **json.loads(metadata["backbone"]))
+    else:
+        model = SwinTransformer(config)
     model.load_state_dict(load_file(str(path)), strict=True)
     model.class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
     return model.to(map_location)
