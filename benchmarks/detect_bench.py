@@ -63,12 +63,40 @@ from swinx.tools.bench import TIMM_NAMES, interleaved
 
 TOL = 1e-4
 RESULTS = Path(__file__).resolve().parent / "results"
-FIELDS = ["date", "detector", "model", "mode", "impl", "batch", "height", "width", "num_classes", "fpn_channels",
-          "backbone_args", "detector_args",
-          "images_per_second", "median_ms_per_batch", "rounds_ms", "ratio_swinx_over_timm",
-          "ratio_paired_median", "ratio_best", "check",
-          "check_size", "check_backbone_max_diff", "check_fpn_max_diff", "timing_size_fpn_max_diff", "timm_trunk",
-          "cpu", "device", "threads", "torch", "torchvision", "timm", "swinx", "python"]
+FIELDS = [
+    "date",
+    "detector",
+    "model",
+    "mode",
+    "impl",
+    "batch",
+    "height",
+    "width",
+    "num_classes",
+    "fpn_channels",
+    "backbone_args",
+    "detector_args",
+    "images_per_second",
+    "median_ms_per_batch",
+    "rounds_ms",
+    "ratio_swinx_over_timm",
+    "ratio_paired_median",
+    "ratio_best",
+    "check",
+    "check_size",
+    "check_backbone_max_diff",
+    "check_fpn_max_diff",
+    "timing_size_fpn_max_diff",
+    "timm_trunk",
+    "cpu",
+    "device",
+    "threads",
+    "torch",
+    "torchvision",
+    "timm",
+    "swinx",
+    "python",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +116,10 @@ class TimmSwinBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = self.trunk(x)
-        return OrderedDict((str(i), getattr(self, f"norm{i}")(m).permute(0, 3, 1, 2).contiguous())
-                           for i, m in zip(self.out_indices, maps))
+        return OrderedDict(
+            (str(i), getattr(self, f"norm{i}")(m).permute(0, 3, 1, 2).contiguous())
+            for i, m in zip(self.out_indices, maps)
+        )
 
 
 class TimmSwinFPN(nn.Module):
@@ -116,15 +146,27 @@ def timm_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
         raise RuntimeError(f"backbone lacks classifier keys {sorted(missing)[:5]}")
     classifier.load_state_dict(state, strict=False)
     exported = swinx.export_state_dict(classifier, "timm")
-    return {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v for k, v in exported.items()
-            if k.startswith(("patch_embed.", "layers."))}
+    return {
+        re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v
+        for k, v in exported.items()
+        if k.startswith(("patch_embed.", "layers."))
+    }
 
 
 def _config_args(config) -> dict:
-    return {"embed_dim": config.embed_dim, "depths": config.depths, "num_heads": config.num_heads,
-            "window_size": config.window_size, "mlp_ratio": config.mlp_ratio, "qkv_bias": config.qkv_bias,
-            "patch_size": config.patch_size, "in_chans": config.in_chans, "drop_path_rate": config.drop_path_rate,
-            "attn_drop_rate": config.attn_drop_rate, "drop_rate": config.drop_rate}
+    return {
+        "embed_dim": config.embed_dim,
+        "depths": config.depths,
+        "num_heads": config.num_heads,
+        "window_size": config.window_size,
+        "mlp_ratio": config.mlp_ratio,
+        "qkv_bias": config.qkv_bias,
+        "patch_size": config.patch_size,
+        "in_chans": config.in_chans,
+        "drop_path_rate": config.drop_path_rate,
+        "attn_drop_rate": config.attn_drop_rate,
+        "drop_rate": config.drop_rate,
+    }
 
 
 def timm_trunk(model: str, backbone: nn.Module, img_hw: tuple[int, int], dynamic: bool = False) -> nn.Module:
@@ -136,20 +178,33 @@ def timm_trunk(model: str, backbone: nn.Module, img_hw: tuple[int, int], dynamic
     if config.version != 1 or config.ape or not config.patch_norm:
         raise ValueError("the timm peer covers Swin V1 without absolute position embedding, with patch norm")
     if model not in TIMM_NAMES or not TIMM_NAMES[model].startswith("swin_"):
-        raise ValueError(f"no timm Swin V1 counterpart of {model!r}; known: "
-                         f"{sorted(k for k, v in TIMM_NAMES.items() if v.startswith('swin_'))}")
-    maps = [(math.ceil(img_hw[0] / (config.patch_size * 2 ** i)), math.ceil(img_hw[1] / (config.patch_size * 2 ** i)))
-            for i in range(len(config.depths))]
+        raise ValueError(
+            f"no timm Swin V1 counterpart of {model!r}; known: "
+            f"{sorted(k for k, v in TIMM_NAMES.items() if v.startswith('swin_'))}"
+        )
+    maps = [
+        (math.ceil(img_hw[0] / (config.patch_size * 2**i)), math.ceil(img_hw[1] / (config.patch_size * 2**i)))
+        for i in range(len(config.depths))
+    ]
     if min(min(m) for m in maps) < config.window_size:
-        raise ValueError(f"timm cannot take these weights at {img_hw[0]}x{img_hw[1]}: a stage map {min(maps)} is "
-                         f"smaller than the window {config.window_size}, so timm builds a smaller window (and "
-                         f"relative-position table) there; use a size whose last map is >= the window "
-                         f"(>= {matching_size(config)[0]} px a side)")
+        raise ValueError(
+            f"timm cannot take these weights at {img_hw[0]}x{img_hw[1]}: a stage map {min(maps)} is "
+            f"smaller than the window {config.window_size}, so timm builds a smaller window (and "
+            f"relative-position table) there; use a size whose last map is >= the window "
+            f"(>= {matching_size(config)[0]} px a side)"
+        )
     args = _config_args(config)
     args.pop("drop_rate")
-    trunk = timm.create_model(TIMM_NAMES[model], pretrained=False, features_only=True,
-                              out_indices=backbone.out_indices, img_size=img_hw, strict_img_size=not dynamic,
-                              proj_drop_rate=config.drop_rate, **args)
+    trunk = timm.create_model(
+        TIMM_NAMES[model],
+        pretrained=False,
+        features_only=True,
+        out_indices=backbone.out_indices,
+        img_size=img_hw,
+        strict_img_size=not dynamic,
+        proj_drop_rate=config.drop_rate,
+        **args,
+    )
     trunk.load_state_dict(timm_state_dict(backbone), strict=True)
     return trunk
 
@@ -160,8 +215,9 @@ def timm_detector(ours: nn.Module, model: str, img_hw: tuple[int, int], dynamic:
     body = ours.backbone.body
     norms = {i: copy.deepcopy(getattr(body, f"norm{i}")) for i in body.out_indices}
     trunk = timm_trunk(model, body, img_hw, dynamic)
-    peer.backbone = TimmSwinFPN(TimmSwinBody(trunk, norms), copy.deepcopy(ours.backbone.fpn),
-                                ours.backbone.out_channels)
+    peer.backbone = TimmSwinFPN(
+        TimmSwinBody(trunk, norms), copy.deepcopy(ours.backbone.fpn), ours.backbone.out_channels
+    )
     return peer
 
 
@@ -177,7 +233,7 @@ def timm_matches(config, img_hw: tuple[int, int]) -> bool:
     side only (timm clamps such a window per axis, we to a square)."""
     h, w = img_hw
     for i in range(len(config.depths)):
-        step = config.patch_size * 2 ** i
+        step = config.patch_size * 2**i
         mh, mw = math.ceil(h / step), math.ceil(w / step)
         if mh % config.window_size or mw % config.window_size:
             return False
@@ -191,8 +247,9 @@ def timm_matches(config, img_hw: tuple[int, int]) -> bool:
 
 
 @torch.no_grad()
-def compare_features(ours: nn.Module, peer: nn.Module, x: torch.Tensor,
-                     peer_body: nn.Module | None = None) -> tuple[float, float]:
+def compare_features(
+    ours: nn.Module, peer: nn.Module, x: torch.Tensor, peer_body: nn.Module | None = None
+) -> tuple[float, float]:
     """Max |difference| of the backbone maps (after norm{i}, NCHW) and of every FPN level, eval mode."""
     was = ours.training, peer.training
     ours.eval(), peer.eval()
@@ -212,15 +269,16 @@ def compare_features(ours: nn.Module, peer: nn.Module, x: torch.Tensor,
 # Workloads
 
 
-def synthetic_batch(batch: int, img_hw: tuple[int, int], num_classes: int, masks: bool, seed: int = 0,
-                    boxes_per_image: int = 3):
+def synthetic_batch(
+    batch: int, img_hw: tuple[int, int], num_classes: int, masks: bool, seed: int = 0, boxes_per_image: int = 3
+):
     """Images in [0, 1] and targets: a few random boxes per image with labels >= 1, and filled-box masks."""
     g = torch.Generator().manual_seed(seed)
     H, W = img_hw
     images, targets = [], []
     for _ in range(batch):
         images.append(torch.rand(3, H, W, generator=g))
-        wh = torch.rand(boxes_per_image, 2, generator=g) * 0.35 + 0.1          # 10-45 % of each side
+        wh = torch.rand(boxes_per_image, 2, generator=g) * 0.35 + 0.1  # 10-45 % of each side
         xy = torch.rand(boxes_per_image, 2, generator=g) * (1 - wh)
         boxes = torch.cat([xy, xy + wh], dim=1) * torch.tensor([W, H, W, H], dtype=torch.float32)
         target = {"boxes": boxes, "labels": torch.randint(1, num_classes, (boxes_per_image,), generator=g)}
@@ -246,6 +304,7 @@ def train_step(detector: nn.Module, images, targets, lr: float = 1e-6, seed: int
         loss.backward()
         optimizer.step()
         return loss.detach()
+
     return step
 
 
@@ -255,6 +314,7 @@ def infer_step(detector: nn.Module, images):
     def infer():
         with torch.inference_mode():
             return detector(images)
+
     return infer
 
 
@@ -297,8 +357,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--detector", default="maskrcnn", choices=["fasterrcnn", "maskrcnn", "retinanet", "fcos"])
     p.add_argument("--model", default="swin_t", help="a Swin V1 variant with a timm twin (swin_t, swin_s, ...)")
     p.add_argument("--batch", type=int, default=2)
@@ -306,8 +367,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", default="both", choices=["train", "infer", "both"])
     p.add_argument("--seconds", type=float, default=2.0, help="minimum length of each timed round")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per implementation")
-    p.add_argument("--warmup", type=int, default=0,
-                   help="untimed calls per implementation first (besides the untimed call that sizes the rounds)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="untimed calls per implementation first (besides the untimed call that sizes the rounds)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--num-classes", type=int, default=91)
     p.add_argument("--fpn-channels", type=int, default=256)
@@ -348,8 +413,13 @@ def main(argv=None) -> list[dict]:
     import torchvision
 
     torch.manual_seed(args.seed)
-    ours = create_detector(f"{args.detector}_{args.model}_fpn", args.num_classes, fpn_channels=args.fpn_channels,
-                           backbone_args=backbone_args, **parse_overrides(args.detector_args))
+    ours = create_detector(
+        f"{args.detector}_{args.model}_fpn",
+        args.num_classes,
+        fpn_channels=args.fpn_channels,
+        backbone_args=backbone_args,
+        **parse_overrides(args.detector_args),
+    )
     peer = timm_detector(ours, args.model, input_hw, args.timm_dynamic)
     config = ours.backbone.body.config
 
@@ -362,33 +432,58 @@ def main(argv=None) -> list[dict]:
         timing_diff = fpn_diff
     else:
         check_hw = matching_size(config)
-        check_body = TimmSwinBody(timm_trunk(args.model, ours.backbone.body, check_hw, args.timm_dynamic),
-                                  {i: getattr(peer.backbone.body, f"norm{i}") for i in peer.backbone.body.out_indices})
+        check_body = TimmSwinBody(
+            timm_trunk(args.model, ours.backbone.body, check_hw, args.timm_dynamic),
+            {i: getattr(peer.backbone.body, f"norm{i}") for i in peer.backbone.body.out_indices},
+        )
         body_diff, fpn_diff = compare_features(ours, peer, torch.randn(1, 3, *check_hw, generator=g), check_body)
         del check_body
         _, timing_diff = compare_features(ours, peer, torch.randn(1, 3, *input_hw, generator=g))
     check = "pass" if max(body_diff, fpn_diff) < TOL else "FAIL"
-    print(f"agreement (eval, one image): backbone maps (after norm0-3) and FPN levels at "
-          f"{check_hw[0]}x{check_hw[1]}: max |diff| {body_diff:.2e} / {fpn_diff:.2e} -> {check} (tol {TOL:g})")
+    print(
+        f"agreement (eval, one image): backbone maps (after norm0-3) and FPN levels at "
+        f"{check_hw[0]}x{check_hw[1]}: max |diff| {body_diff:.2e} / {fpn_diff:.2e} -> {check} (tol {TOL:g})"
+    )
     if not timing_exact:
-        print(f"  at the timing size {input_hw[0]}x{input_hw[1]} timm computes differently (windows not whole: "
-              f"it rolls before padding); FPN max |diff| there {timing_diff:.2e}, for information")
+        print(
+            f"  at the timing size {input_hw[0]}x{input_hw[1]} timm computes differently (windows not whole: "
+            f"it rolls before padding); FPN max |diff| there {timing_diff:.2e}, for information"
+        )
     if check != "pass":
         print("WARNING: the two detectors disagree; timings compare different computations", file=sys.stderr)
 
     # --- timing
     modes = ["train", "infer"] if args.mode == "both" else [args.mode]
     images, targets = synthetic_batch(args.batch, (H, W), args.num_classes, args.detector == "maskrcnn", args.seed)
-    host = {"cpu": cpu_model(), "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "swinx": swinx.__version__,
-            "python": platform.python_version()}
-    common = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), detector=args.detector, model=args.model,
-                  batch=args.batch, height=H, width=W, num_classes=args.num_classes,
-                  fpn_channels=args.fpn_channels, backbone_args=args.backbone_args,
-                  detector_args=args.detector_args, check=check,
-                  check_size=f"{check_hw[0]}x{check_hw[1]}", check_backbone_max_diff=f"{body_diff:.3e}",
-                  check_fpn_max_diff=f"{fpn_diff:.3e}", timing_size_fpn_max_diff=f"{timing_diff:.3e}",
-                  timm_trunk="dynamic" if args.timm_dynamic else f"static {input_hw[0]}x{input_hw[1]}", **host)
+    host = {
+        "cpu": cpu_model(),
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "swinx": swinx.__version__,
+        "python": platform.python_version(),
+    }
+    common = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        detector=args.detector,
+        model=args.model,
+        batch=args.batch,
+        height=H,
+        width=W,
+        num_classes=args.num_classes,
+        fpn_channels=args.fpn_channels,
+        backbone_args=args.backbone_args,
+        detector_args=args.detector_args,
+        check=check,
+        check_size=f"{check_hw[0]}x{check_hw[1]}",
+        check_backbone_max_diff=f"{body_diff:.3e}",
+        check_fpn_max_diff=f"{fpn_diff:.3e}",
+        timing_size_fpn_max_diff=f"{timing_diff:.3e}",
+        timm_trunk="dynamic" if args.timm_dynamic else f"static {input_hw[0]}x{input_hw[1]}",
+        **host,
+    )
     nets = {"swinx": ours, "timm": peer}
     rows = []
     for mode in modes:
@@ -405,25 +500,41 @@ def main(argv=None) -> list[dict]:
         paired = statistics.median(t / o for o, t in zip(rounds["swinx"], rounds["timm"]))
         best = min(rounds["timm"]) / min(rounds["swinx"])
         for impl in nets:
-            rows.append(dict(common, mode=mode, impl=impl, images_per_second=f"{args.batch / medians[impl]:.4f}",
-                             median_ms_per_batch=f"{medians[impl] * 1e3:.1f}",
-                             rounds_ms=" ".join(f"{t * 1e3:.1f}" for t in rounds[impl]),
-                             ratio_swinx_over_timm=f"{ratio:.4f}", ratio_paired_median=f"{paired:.4f}",
-                             ratio_best=f"{best:.4f}"))
+            rows.append(
+                dict(
+                    common,
+                    mode=mode,
+                    impl=impl,
+                    images_per_second=f"{args.batch / medians[impl]:.4f}",
+                    median_ms_per_batch=f"{medians[impl] * 1e3:.1f}",
+                    rounds_ms=" ".join(f"{t * 1e3:.1f}" for t in rounds[impl]),
+                    ratio_swinx_over_timm=f"{ratio:.4f}",
+                    ratio_paired_median=f"{paired:.4f}",
+                    ratio_best=f"{best:.4f}",
+                )
+            )
         print(f"  {mode}: {args.repeats} interleaved rounds in {time.perf_counter() - start:.0f} s")
         for net in nets.values():
             net.zero_grad(set_to_none=True)
 
-    print(f"\n{args.detector} {args.model}, batch {args.batch}, {H}x{W}, {host['threads']} threads, "
-          f"{host['cpu']}, torch {host['torch']}, timm {host['timm']}")
-    print("images/s from the median round; swinx/timm = ratio of images/s (> 1: swinx faster): of the medians,"
-          " median of per-round pairs, of the best rounds")
-    print(f"{'mode':<6} {'impl':<6} {'images/s':>9} {'ms/batch':>9}  {'swinx/timm':>10} {'paired':>7} {'best':>7}"
-          f"  rounds (ms)")
+    print(
+        f"\n{args.detector} {args.model}, batch {args.batch}, {H}x{W}, {host['threads']} threads, "
+        f"{host['cpu']}, torch {host['torch']}, timm {host['timm']}"
+    )
+    print(
+        "images/s from the median round; swinx/timm = ratio of images/s (> 1: swinx faster): of the medians,"
+        " median of per-round pairs, of the best rounds"
+    )
+    print(
+        f"{'mode':<6} {'impl':<6} {'images/s':>9} {'ms/batch':>9}  {'swinx/timm':>10} {'paired':>7} {'best':>7}"
+        f"  rounds (ms)"
+    )
     for r in rows:
-        print(f"{r['mode']:<6} {r['impl']:<6} {float(r['images_per_second']):>9.3f} "
-              f"{float(r['median_ms_per_batch']):>9.1f}  {float(r['ratio_swinx_over_timm']):>10.3f} "
-              f"{float(r['ratio_paired_median']):>7.3f} {float(r['ratio_best']):>7.3f}  {r['rounds_ms']}")
+        print(
+            f"{r['mode']:<6} {r['impl']:<6} {float(r['images_per_second']):>9.3f} "
+            f"{float(r['median_ms_per_batch']):>9.1f}  {float(r['ratio_swinx_over_timm']):>10.3f} "
+            f"{float(r['ratio_paired_median']):>7.3f} {float(r['ratio_best']):>7.3f}  {r['rounds_ms']}"
+        )
     out = args.out or default_out()
     write_rows(rows, out)
     print(f"\nwrote {len(rows)} rows to {out}")

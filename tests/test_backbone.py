@@ -7,10 +7,10 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch._dynamo
-from helpers import SMALL, max_diff, one_thread, randomize  # noqa: F401  (one_thread is a fixture)
 from torch import nn
 
 import swinx
+from helpers import SMALL, max_diff, one_thread, randomize  # noqa: F401  (one_thread is a fixture)
 from swinx import CheckpointError, create_backbone, export_state_dict, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,8 +56,8 @@ def test_backbone_is_forward_intermediates_plus_norms(version, size):
         want = intermediates_with_norms(source, x, {i: getattr(model, f"norm{i}") for i in range(4)})
     assert isinstance(out, OrderedDict) and list(out) == ["0", "1", "2", "3"]
     for i in range(4):
-        H, W = -(-size[0] // (4 * 2 ** i)), -(-size[1] // (4 * 2 ** i))
-        assert out[str(i)].shape == (2, 32 * 2 ** i, H, W) and out[str(i)].is_contiguous()
+        H, W = -(-size[0] // (4 * 2**i)), -(-size[1] // (4 * 2**i))
+        assert out[str(i)].shape == (2, 32 * 2**i, H, W) and out[str(i)].is_contiguous()
         assert max_diff(out[str(i)], want[i]) < 1e-6, i
     assert model.channels == [32, 64, 128, 256] and model.strides == [4, 8, 16, 32]
     assert model.out_indices == (0, 1, 2, 3) and not hasattr(model, "out_channels")  # the FPN wrapper sets that
@@ -157,16 +157,27 @@ def test_another_variant_is_an_error_naming_what_differs(version):
 def test_official_detection_checkpoint_loads_with_its_output_norms():
     """The official detection repo: official names under `backbone.`, norm0..3, beside neck and heads."""
     source = backbone(1, seed=6)
-    state = {"backbone." + k: v for k, v in export_state_dict(classifier(1, seed=6), "official").items()
-             if not k.startswith(("head.", "norm."))}
+    state = {
+        "backbone." + k: v
+        for k, v in export_state_dict(classifier(1, seed=6), "official").items()
+        if not k.startswith(("head.", "norm."))
+    }
     state.update({f"backbone.{k}": v for k, v in source.state_dict().items() if k.startswith("norm")})
-    state.update({"neck.lateral_convs.0.conv.weight": torch.zeros(4, 32, 1, 1), "rpn_head.rpn_cls.bias": torch.zeros(3),
-                  "roi_head.bbox_head.fc_cls.weight": torch.zeros(81, 16)})
+    state.update(
+        {
+            "neck.lateral_convs.0.conv.weight": torch.zeros(4, 32, 1, 1),
+            "rpn_head.rpn_cls.bias": torch.zeros(3),
+            "roi_head.bbox_head.fc_cls.weight": torch.zeros(81, 16),
+        }
+    )
     model = backbone(1, seed=7)
     report = load_checkpoint(model, {"meta": {"epoch": 12}, "state_dict": state})
     assert report.layout == "official" and report.fresh == [] and report.head.startswith("none")
-    assert report.skipped == ["neck.lateral_convs.0.conv.weight", "roi_head.bbox_head.fc_cls.weight",
-                              "rpn_head.rpn_cls.bias"]
+    assert report.skipped == [
+        "neck.lateral_convs.0.conv.weight",
+        "roi_head.bbox_head.fc_cls.weight",
+        "rpn_head.rpn_cls.bias",
+    ]
     assert "skipped 3 tensors of the source's other parts (neck, roi_head, rpn_head)" in str(report)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
     # A classifier takes the last output norm as its final norm and drops the others.
@@ -208,8 +219,12 @@ def test_frozen_stages_stay_bit_identical_through_training(version, frozen):
     their patch merging (for V2 too: ours sits at the end of a stage) and norm0..norm{k-1}."""
     model = backbone(version, seed=1, frozen_stages=frozen, ape=True, img_size=64, drop_path_rate=0.3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    frozen_prefixes = ("patch_embed.", "absolute_pos_embed", *(f"layers.{i}." for i in range(frozen)),
-                       *(f"norm{i}." for i in range(frozen)))
+    frozen_prefixes = (
+        "patch_embed.",
+        "absolute_pos_embed",
+        *(f"layers.{i}." for i in range(frozen)),
+        *(f"norm{i}." for i in range(frozen)),
+    )
     train_steps(model)
     for name, p in model.named_parameters():
         is_frozen = name.startswith(frozen_prefixes)
@@ -266,8 +281,13 @@ def test_feeds_torchvisions_feature_pyramid():
     fpn = FeaturePyramidNetwork(model.channels, 16, extra_blocks=LastLevelMaxPool())
     with torch.no_grad():
         levels = fpn(model(images(2, 3, 96, 128)))
-    assert [tuple(v.shape) for v in levels.values()] == [(2, 16, 24, 32), (2, 16, 12, 16), (2, 16, 6, 8),
-                                                          (2, 16, 3, 4), (2, 16, 2, 2)]
+    assert [tuple(v.shape) for v in levels.values()] == [
+        (2, 16, 24, 32),
+        (2, 16, 12, 16),
+        (2, 16, 6, 8),
+        (2, 16, 3, 4),
+        (2, 16, 2, 2),
+    ]
 
 
 @pytest.mark.slow

@@ -17,9 +17,8 @@ import torch
 
 import swinx
 from helpers import one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
-from swinx.tools import bench
-from swinx.tools import flops
 from swinx.cli import main
+from swinx.tools import bench, flops
 
 TINY = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
 PARTS = ["patch_embed", "stage1", "stage2", "stage3", "stage4", "head"]
@@ -37,12 +36,16 @@ def total_macs(config, size=None) -> int:
 # Analytic MACs (the official convention)
 
 
-@pytest.mark.parametrize("name, overrides, published, half_unit", [
-    ("swin_t", {}, 4.494e9, 0.005e9),          # 4.49G in the paper; 4.494G printed by the official code
-    ("swin_s", {}, 8.7e9, 0.05e9),
-    ("swin_b", {}, 15.4e9, 0.05e9),
-    ("swin_b", {"img_size": 384, "window_size": 12}, 47.1e9, 0.05e9),
-], ids=["swin_t", "swin_s", "swin_b", "swin_b_384"])
+@pytest.mark.parametrize(
+    "name, overrides, published, half_unit",
+    [
+        ("swin_t", {}, 4.494e9, 0.005e9),  # 4.49G in the paper; 4.494G printed by the official code
+        ("swin_s", {}, 8.7e9, 0.05e9),
+        ("swin_b", {}, 15.4e9, 0.05e9),
+        ("swin_b", {"img_size": 384, "window_size": 12}, 47.1e9, 0.05e9),
+    ],
+    ids=["swin_t", "swin_s", "swin_b", "swin_b_384"],
+)
 def test_macs_match_the_published_numbers(name, overrides, published, half_unit):
     config = swinx.get_config(name, **overrides)
     parts = flops.macs(config)
@@ -50,7 +53,7 @@ def test_macs_match_the_published_numbers(name, overrides, published, half_unit)
     assert all(p.macs > 0 for p in parts)
     total = sum(p.macs for p in parts)
     assert abs(total - published) <= half_unit, total
-    assert total == total_macs(config, config.img_size)       # the default size is the config's
+    assert total == total_macs(config, config.img_size)  # the default size is the config's
 
 
 def test_macs_parts_follow_the_maps():
@@ -97,7 +100,7 @@ def test_counted_flops_agree_with_the_analytic_count(size):
     # Without the merging's 4C -> 2C matmul, stages 1-3 would read 0.87-0.93.
     for stage in ("stage1", "stage2", "stage3", "stage4"):
         assert 0.95 <= counted[stage] / analytic[stage] <= 1.02, (stage, counted, analytic)
-    assert model.training is False and all(b.attn.fused for b in model.blocks())   # left as it was
+    assert model.training is False and all(b.attn.fused for b in model.blocks())  # left as it was
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ def test_peers_compute_the_same_function(impl, swin_t_randomized):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours, theirs = model(x), peer(x)
-    assert ours.abs().max() > 0.5                       # randomized: not a near-constant output
+    assert ours.abs().max() > 0.5  # randomized: not a near-constant output
     assert (ours - theirs).abs().max().item() < 1e-4
     assert bench.build("swinx", model, "swin_t") is model
 
@@ -128,7 +131,7 @@ def test_build_rejects_unknown_implementations_and_names(swin_t_randomized):
     with pytest.raises(ValueError, match="no timm counterpart of swin_x.*swin_t"):
         bench.build("timm", swin_t_randomized, "swin_x")
     with pytest.raises(ValueError, match="no torchvision counterpart of swin_l.*swin_t"):
-        bench.build("torchvision", swin_t_randomized, "swin_l")     # torchvision has no Swin-L
+        bench.build("torchvision", swin_t_randomized, "swin_l")  # torchvision has no Swin-L
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +193,9 @@ def test_workload_rejects_an_unknown_mode():
 def test_train_workload_steps_the_weights():
     model = swinx.create_model("swin_t", **TINY, drop_path_rate=0.0)
     before = model.head.weight.detach().clone()
-    step = bench.workload(model, bench.BenchSpec(mode="train", batch=2), torch.randn(2, 3, 64, 64),
-                          torch.tensor([1, 2]))
+    step = bench.workload(
+        model, bench.BenchSpec(mode="train", batch=2), torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    )
     loss = step()
     assert model.training and loss.requires_grad is True and torch.isfinite(loss)
     assert not torch.equal(model.head.weight, before)
@@ -214,12 +218,14 @@ def test_process_peak_rss_measures_the_child_alone_and_grows_with_the_batch(monk
     """
     import resource
 
-    big = torch.ones(int(2.25 * 2**30) // 4)             # the parent peaks at > 2.3 GB, then frees it
+    big = torch.ones(int(2.25 * 2**30) // 4)  # the parent peaks at > 2.3 GB, then frees it
     del big
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 2300
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")            # the child processes: see pytestmark
-    rss = {batch: bench.process_peak_rss(bench.BenchSpec(model="swin_t", batch=batch, img_size=128, mode="train"),
-                                         "swinx") for batch in (1, 4)}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child processes: see pytestmark
+    rss = {
+        batch: bench.process_peak_rss(bench.BenchSpec(model="swin_t", batch=batch, img_size=128, mode="train"), "swinx")
+        for batch in (1, 4)
+    }
     assert all(400 < v < 2000 for v in rss.values()), rss
     assert rss[4] > rss[1] + 60, rss
 
@@ -249,7 +255,7 @@ def test_interleaved_rotates_the_order():
     # warm-up (once each), one calibration call each, then one call per round (min_seconds 0)
     assert len(calls) == 3 + 3 + 4 * 3
     timed = calls[6:]
-    assert [timed[i:i + 3] for i in range(0, 12, 3)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert [timed[i : i + 3] for i in range(0, 12, 3)] == [list("abc"), list("bca"), list("cab"), list("abc")]
 
 
 def test_interleaved_repeats_calls_to_fill_a_round(monkeypatch):
@@ -266,7 +272,7 @@ def test_interleaved_repeats_calls_to_fill_a_round(monkeypatch):
         clock.now += 0.004
 
     rounds = bench.interleaved({"step": step}, torch.device("cpu"), repeats=2, min_seconds=0.01, warmup=1)
-    assert len(calls) == 1 + 1 + 2 * 3                  # warm-up, calibration, 2 rounds of 3
+    assert len(calls) == 1 + 1 + 2 * 3  # warm-up, calibration, 2 rounds of 3
     assert rounds["step"] == pytest.approx([0.004, 0.004])
 
 
@@ -274,12 +280,15 @@ def test_matmul_rate_measures_each_kernel():
     rates = bench.matmul_rate(torch.float32, "cpu", n=128, repeats=1)
     assert "torch.mm" in rates and all(r > 0 and math.isfinite(r) for r in rates.values())
     from swinx.model import ops
+
     assert ("oneDNN" in rates) == ops.HAS_ONEDNN_LINEAR
 
 
 def test_record_writes_a_header_once_and_appends(tmp_path):
-    rows = [{"impl": "swinx", "median_ms": 1.5, "rounds_ms": "1.40 1.50"},
-            {"impl": "timm", "median_ms": 2.5, "rounds_ms": "2.40 2.50"}]
+    rows = [
+        {"impl": "swinx", "median_ms": 1.5, "rounds_ms": "1.40 1.50"},
+        {"impl": "timm", "median_ms": 2.5, "rounds_ms": "2.40 2.50"},
+    ]
     path = bench.record(rows, tmp_path, torch.device("cpu"))
     again = bench.record(rows[:1], tmp_path, torch.device("cpu"))
     assert again == path
@@ -331,8 +340,22 @@ def fast_bench(monkeypatch):
 
 
 def test_cli_bench_writes_a_csv(tmp_path, capsys, fast_bench):
-    code = main(["bench", "--model", "swin_t", "--batch", "1", "--repeats", "1", "--img-size", "64",
-                 "--out-dir", str(tmp_path), "--no-memory"])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "swin_t",
+            "--batch",
+            "1",
+            "--repeats",
+            "1",
+            "--img-size",
+            "64",
+            "--out-dir",
+            str(tmp_path),
+            "--no-memory",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert fast_bench == [torch.float32, torch.bfloat16]
@@ -344,14 +367,15 @@ def test_cli_bench_writes_a_csv(tmp_path, capsys, fast_bench):
     row = rows[0]
     assert row["impl"] == "swinx" and row["mode"] == "infer" and row["batch"] == "1" and row["img_size"] == "64"
     assert float(row["median_ms"]) > 0 and float(row["matmul_gflops"]) == 80.0
-    assert row["peak_memory_mb"] == ""                       # --no-memory
+    assert row["peak_memory_mb"] == ""  # --no-memory
 
 
 def test_cli_bench_scaling_draws_the_plot(tmp_path, capsys, fast_bench):
     from PIL import Image
 
-    code = main(["bench", "--scaling", "--model", "swin_t", "--sizes", "64", "96", "--repeats", "1",
-                 "--out-dir", str(tmp_path)])
+    code = main(
+        ["bench", "--scaling", "--model", "swin_t", "--sizes", "64", "96", "--repeats", "1", "--out-dir", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     png = tmp_path / "scaling-swin_t.png"
@@ -375,13 +399,14 @@ def test_scaling_rows(monkeypatch):
         glob = bench.global_attention(config, r["img_size"])
         assert r["global_gmacs"] * 1e9 == pytest.approx(total_macs(glob, r["img_size"]))
         assert r["swin_ms"] > 0
-    assert rows[0]["global_ms"] > 0 and rows[1]["global_ms"] is None     # beyond measured_global_max
+    assert rows[0]["global_ms"] > 0 and rows[1]["global_ms"] is None  # beyond measured_global_max
 
 
 def test_onnxruntime_implementation_runs_our_export(tmp_path):
     torch.manual_seed(0)
-    model = swinx.SwinTransformer(swinx.SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7,
-                                                   img_size=56, num_classes=4)).eval()
+    model = swinx.SwinTransformer(
+        swinx.SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7, img_size=56, num_classes=4)
+    ).eval()
     net = bench.build("onnxruntime", model, "small")
     x = torch.randn(3, 3, 40, 70)
     with torch.no_grad():

@@ -247,8 +247,13 @@ def test_error_other_variant(version):
     theirs, ours = source.state_dict(), target.state_dict()
     differing = [k for k in ours if theirs[k].shape != ours[k].shape]
     assert differing
-    named = [k for k in differing if re.search(re.escape(k) + r"\W", msg)
-             and str(tuple(theirs[k].shape)) in msg and str(tuple(ours[k].shape)) in msg]
+    named = [
+        k
+        for k in differing
+        if re.search(re.escape(k) + r"\W", msg)
+        and str(tuple(theirs[k].shape)) in msg
+        and str(tuple(ours[k].shape)) in msg
+    ]
     assert named, f"no mismatched key with both shapes in: {msg}"
     assert "embed_dim 48" in msg and "embed_dim 32" in msg
 
@@ -509,7 +514,7 @@ def test_window_resize_v1():
         expected = _bicubic(theirs[key], 7, 12)
         assert torch.allclose(ours[key], expected, atol=1e-6, rtol=0), key
         # The table centre (offset 0, 0) falls on the same point of both grids.
-        assert torch.allclose(ours[key][(2 * 12 - 1) ** 2 // 2], theirs[key][13 ** 2 // 2], atol=1e-6)
+        assert torch.allclose(ours[key][(2 * 12 - 1) ** 2 // 2], theirs[key][13**2 // 2], atol=1e-6)
     for key in ours:
         if not key.endswith(TABLE):
             assert torch.equal(ours[key], theirs[key]), key
@@ -525,7 +530,7 @@ def test_window_resize_constant_table():
     assert load_checkpoint(target, source.state_dict()).resized
     for block in target.blocks():
         table = block.attn.relative_position_bias_table
-        assert table.shape[0] == 23 ** 2
+        assert table.shape[0] == 23**2
         assert torch.allclose(table, torch.full_like(table, 0.375), atol=1e-6, rtol=0)
 
 

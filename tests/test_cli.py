@@ -8,9 +8,9 @@ import sys
 import torch
 
 import swinx
+from helpers import SMALL, randomize
 from swinx.cli import main
 from swinx.weights.layouts import infer_config
-from helpers import SMALL, randomize
 
 
 def test_library_imports_no_reference_implementation():
@@ -49,8 +49,10 @@ def test_convert_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     model = swinx.create_model("swin_t", **SMALL)
     torch.save(model.state_dict(), tmp_path / "small.pth")
-    assert main(["convert", str(tmp_path / "small.pth"), str(tmp_path / "o.pth"), "--to", "timm",
-                 "--model", "swin_t"]) == 2
+    assert (
+        main(["convert", str(tmp_path / "small.pth"), str(tmp_path / "o.pth"), "--to", "timm", "--model", "swin_t"])
+        == 2
+    )
     assert "shapes differ" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
 
@@ -66,7 +68,12 @@ def test_infer_config_reads_every_layout():
         model = swinx.create_model(name, num_classes=6, embed_dim=48, depths=(2, 4, 2, 2), num_heads=(2, 4, 8, 16))
         for layout in swinx.LAYOUTS:
             config = infer_config(swinx.export_state_dict(model, layout), layout)
-            assert (config.version, config.embed_dim, config.depths, config.num_heads, config.num_classes) == \
-                (version, 48, (2, 4, 2, 2), (2, 4, 8, 16), 6), layout
+            assert (config.version, config.embed_dim, config.depths, config.num_heads, config.num_classes) == (
+                version,
+                48,
+                (2, 4, 2, 2),
+                (2, 4, 8, 16),
+                6,
+            ), layout
             if version == 1 or layout in ("official", "torchvision"):
                 assert config.window_size == model.config.window_size

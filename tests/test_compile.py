@@ -40,6 +40,7 @@ def fresh_dynamo():
 
 # ----- 1. torch.compile, inference --------------------------------------------------------------
 
+
 def test_compile_swin_t_matches_eager():
     model = swin_t()
     x = images(2, 3, 224, 224)
@@ -62,14 +63,20 @@ def test_compile_swin_t_has_no_graph_breaks():
     x = images(2, 3, 224, 224)
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(x)
-    reasons = sorted({r.reason.splitlines()[0] + " @ " + " > ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
-                                                                     for f in r.user_stack[-2:])
-                      for r in explanation.break_reasons})
+    reasons = sorted(
+        {
+            r.reason.splitlines()[0]
+            + " @ "
+            + " > ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in r.user_stack[-2:])
+            for r in explanation.break_reasons
+        }
+    )
     assert explanation.graph_break_count == 0, reasons
     assert explanation.graph_count == 1
 
 
 # ----- 2. torch.jit.trace -----------------------------------------------------------------------
+
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape branches, fixed at 224
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated in torch 2.14, still supported
@@ -105,6 +112,7 @@ def test_trace_small_v2_matches_eager():
 
 # ----- 3. torch.export --------------------------------------------------------------------------
 
+
 def test_export_swin_t_matches_eager():
     model = swin_t()
     x = images(2, 3, 224, 224)
@@ -128,6 +136,7 @@ def test_export_under_no_grad_matches_eager():
 
 
 # ----- 4. torch.compile, training ---------------------------------------------------------------
+
 
 def test_compile_small_v1_training_gradients_match_eager():
     torch.manual_seed(0)
@@ -167,9 +176,10 @@ def test_compile_small_v1_training_gradients_match_eager():
 # Sizes whose last-stage map stays larger than the window: a map that fits in one window
 # switches to the clamp rule, a different network, and rightly gets a second graph. Some of
 # these sizes need padding at every stage and some at none (e.g. 252 = 7 * 36, 512 = 8 * 64).
-DYNAMIC_SIZES = {1: [(2, 256, 288), (3, 288, 320), (2, 320, 256), (4, 272, 352), (2, 260, 300), (3, 512, 384),
-                     (2, 252, 280)],
-                 2: [(2, 288, 320), (3, 320, 352), (2, 352, 288), (4, 300, 340), (3, 512, 384), (2, 512, 512)]}
+DYNAMIC_SIZES = {
+    1: [(2, 256, 288), (3, 288, 320), (2, 320, 256), (4, 272, 352), (2, 260, 300), (3, 512, 384), (2, 252, 280)],
+    2: [(2, 288, 320), (3, 320, 352), (2, 352, 288), (4, 300, 340), (3, 512, 384), (2, 512, 512)],
+}
 
 
 @pytest.mark.parametrize("version", [1, 2])

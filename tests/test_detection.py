@@ -33,9 +33,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TINY = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
-TRAIN = ["--model-args", json.dumps(TINY), "--window-size", "4", "--fpn-channels", "64", "--train-sizes", "96", "128",
-         "--max-size", "200", "--batch-size", "4", "--workers", "0", "--progress", "off", "--val-every", "1",
-         "--warmup-epochs", "0.5", "--img-size", "128"]
+TRAIN = [
+    "--model-args",
+    json.dumps(TINY),
+    "--window-size",
+    "4",
+    "--fpn-channels",
+    "64",
+    "--train-sizes",
+    "96",
+    "128",
+    "--max-size",
+    "200",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--progress",
+    "off",
+    "--val-every",
+    "1",
+    "--warmup-epochs",
+    "0.5",
+    "--img-size",
+    "128",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +93,23 @@ def test_swin_fpn_under_plain_torchvision_mask_rcnn():
 
 @pytest.mark.parametrize("kind", ["fasterrcnn", "maskrcnn", "retinanet", "fcos"])
 def test_every_detector_trains_and_keeps_the_image_size(kind):
-    model = create_detector(f"{kind}_swin_t_fpn", num_classes=5, fpn_channels=32,
-                            backbone_args=dict(TINY, window_size=4))
+    model = create_detector(
+        f"{kind}_swin_t_fpn", num_classes=5, fpn_channels=32, backbone_args=dict(TINY, window_size=4)
+    )
     assert isinstance(model.transform, NativeSizeTransform)
     images = [torch.rand(3, 100, 150), torch.rand(3, 90, 70)]
-    targets = [{"boxes": torch.tensor([[10.0, 10, 40, 50]]), "labels": torch.tensor([2]),
-                "masks": torch.zeros(1, 100, 150, dtype=torch.uint8)},
-               {"boxes": torch.tensor([[5.0, 20, 30, 60]]), "labels": torch.tensor([1]),
-                "masks": torch.zeros(1, 90, 70, dtype=torch.uint8)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 10, 40, 50]]),
+            "labels": torch.tensor([2]),
+            "masks": torch.zeros(1, 100, 150, dtype=torch.uint8),
+        },
+        {
+            "boxes": torch.tensor([[5.0, 20, 30, 60]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 90, 70, dtype=torch.uint8),
+        },
+    ]
     # Not rescaled to 800 px (torchvision's default); only padded into a batch.
     batch, _ = model.transform(images)
     assert batch.image_sizes == [(100, 150), (90, 70)]
@@ -89,7 +120,7 @@ def test_every_detector_trains_and_keeps_the_image_size(kind):
     total.backward()
     assert model.backbone.body.patch_embed.proj.weight.grad is not None
     model.eval()
-    set_eval_size(model, (224, 160))                # every image resized to 224x160, boxes mapped back
+    set_eval_size(model, (224, 160))  # every image resized to 224x160, boxes mapped back
     batch, _ = model.transform(images)
     assert batch.image_sizes == [(224, 160), (224, 160)]
     with torch.no_grad():
@@ -111,8 +142,10 @@ def test_unknown_detector_name_says_what_exists():
 @pytest.fixture(scope="module")
 def trained(scene_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run") / "maskrcnn"
-    assert main(detect_cmd(scene_dir, run, "--detector", "maskrcnn", "--epochs", "2",
-                           "--eval-sizes", "160", "150x100")) == 0
+    assert (
+        main(detect_cmd(scene_dir, run, "--detector", "maskrcnn", "--epochs", "2", "--eval-sizes", "160", "150x100"))
+        == 0
+    )
     return run
 
 
@@ -131,8 +164,22 @@ def test_train_writes_the_run_directory(trained):
 
 def test_eval_json_has_pycocotools_names(trained, scene_dir, capsys):
     capsys.readouterr()
-    assert main(["detect", "eval", "--checkpoint", str(trained), "--data", str(scene_dir), "--img-size", "150x100",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "eval",
+                "--checkpoint",
+                str(trained),
+                "--data",
+                str(scene_dir),
+                "--img-size",
+                "150x100",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert set(report["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}
     assert set(report["segm"]) >= {"AP", "AP50"} and report["img_size"] == "150x100"
@@ -152,9 +199,24 @@ def test_predict_any_format_and_draw(trained, scene_dir, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     capsys.readouterr()
-    code = main(["detect", "predict", "--checkpoint", str(trained), str(gray), str(rgba), str(jpeg), str(broken),
-                 "--threshold", "0", "--draw", str(tmp_path / "drawn"), "--json"])
-    assert code == 1                          # one image could not be read; the others are answered
+    code = main(
+        [
+            "detect",
+            "predict",
+            "--checkpoint",
+            str(trained),
+            str(gray),
+            str(rgba),
+            str(jpeg),
+            str(broken),
+            "--threshold",
+            "0",
+            "--draw",
+            str(tmp_path / "drawn"),
+            "--json",
+        ]
+    )
+    assert code == 1  # one image could not be read; the others are answered
     results = json.loads(capsys.readouterr().out)
     assert "error" in results[3] and "broken.png" in results[3]["image"]
     assert results[0]["width"] == 150 and results[0]["height"] == 97
@@ -171,8 +233,23 @@ def test_init_from_a_classification_run(scene_dir, tmp_path, capsys):
     classifier = swinx.create_model("swin_t", **TINY, window_size=4, num_classes=10)
     swinx.save_model(classifier, tmp_path / "cls.safetensors")
     capsys.readouterr()
-    assert main(detect_cmd(scene_dir, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / "cls.safetensors"),
-                           "--lr", "1e-9", "--min-lr", "0")) == 0
+    assert (
+        main(
+            detect_cmd(
+                scene_dir,
+                tmp_path / "run",
+                "--epochs",
+                "1",
+                "--init",
+                str(tmp_path / "cls.safetensors"),
+                "--lr",
+                "1e-9",
+                "--min-lr",
+                "0",
+            )
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "initialised from" in out and "head" in out
     from safetensors.torch import load_file
@@ -204,8 +281,9 @@ def test_sigkill_then_resume_equals_uninterrupted(scene_dir, tmp_path):
         time.sleep(0.005)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    subprocess.run([PYTHON, "-m", "swinx", "detect", "train", "--resume", str(killed)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [PYTHON, "-m", "swinx", "detect", "train", "--resume", str(killed)], check=True, env=env, capture_output=True
+    )
     a, b = rows_of(full), rows_of(killed)
     assert [r["epoch"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
@@ -229,11 +307,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(scene_dir, tmp_
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
-    subprocess.run([PYTHON, "-m", "swinx", *detect_cmd(scene_dir, one, "--epochs", "2")], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [PYTHON, "-m", "swinx", *detect_cmd(scene_dir, one, "--epochs", "2")], check=True, env=env, capture_output=True
+    )
     two = tmp_path / "two"
-    cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "swinx",
-           *detect_cmd(scene_dir, two, "--epochs", "2")]
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "swinx",
+        *detect_cmd(scene_dir, two, "--epochs", "2"),
+    ]
     cmd[cmd.index("--batch-size") + 1] = "2"
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     a, b = rows_of(one), rows_of(two)
@@ -253,8 +338,11 @@ def _coco(root: Path, images: list[dict], annotations: list[dict], categories=No
         path = root / "train" / im["file_name"]
         if not path.exists():
             Image.fromarray(np.random.default_rng(im["id"]).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(path)
-    doc = {"images": images, "annotations": annotations,
-           "categories": categories or [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    doc = {
+        "images": images,
+        "annotations": annotations,
+        "categories": categories or [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
+    }
     (root / "annotations" / "instances_train.json").write_text(json.dumps(doc))
     return root
 
@@ -267,12 +355,15 @@ def _ann(i: int, image: int, box, cat: int = 3) -> dict:
     return {"id": i, "image_id": image, "category_id": cat, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
 
 
-@pytest.mark.parametrize("case, message", [
-    ("not json", "not valid JSON"),
-    ("no images", "missing 'images'"),
-    ("missing image id", "image"),
-    ("missing file", "missing"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not json", "not valid JSON"),
+        ("no images", "missing 'images'"),
+        ("missing image id", "image"),
+        ("missing file", "missing"),
+    ],
+)
 def test_unusable_coco_files_fail_with_one_line(case, message, tmp_path, capsys):
     root = tmp_path / "data"
     _coco(root, [_image(1), _image(2)], [_ann(1, 1, [5, 5, 20, 20])])
@@ -294,28 +385,36 @@ def test_unusable_coco_files_fail_with_one_line(case, message, tmp_path, capsys)
 def test_blemishes_are_fixed_counted_and_recorded(tmp_path, capsys):
     """Boxes outside the image clipped, empty boxes dropped, unknown categories dropped, images without
     objects kept, non-contiguous category ids mapped, a corrupt image skipped: all counted."""
-    root = _coco(tmp_path / "data", [_image(i) for i in range(1, 9)], [
-        _ann(1, 1, [60, 40, 40, 40]),            # reaches outside the 80x64 image: clipped
-        _ann(2, 2, [10, 10, 0, 15]),             # zero width: dropped
-        _ann(3, 3, [10, 10, 20, 20], cat=5),     # unknown category: dropped
-        _ann(4, 4, [5, 5, 30, 30], cat=7),
-        _ann(5, 5, [20, 10, 30, 30]),
-        _ann(6, 6, [1, 1, 10, 10], cat=7),
-    ])                                           # images 7, 8: no objects (negatives)
+    root = _coco(
+        tmp_path / "data",
+        [_image(i) for i in range(1, 9)],
+        [
+            _ann(1, 1, [60, 40, 40, 40]),  # reaches outside the 80x64 image: clipped
+            _ann(2, 2, [10, 10, 0, 15]),  # zero width: dropped
+            _ann(3, 3, [10, 10, 20, 20], cat=5),  # unknown category: dropped
+            _ann(4, 4, [5, 5, 30, 30], cat=7),
+            _ann(5, 5, [20, 10, 30, 30]),
+            _ann(6, 6, [1, 1, 10, 10], cat=7),
+        ],
+    )  # images 7, 8: no objects (negatives)
     (root / "train" / "8.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     shutil.copytree(root / "train", root / "val")
-    (root / "annotations" / "instances_val.json").write_text((root / "annotations" / "instances_train.json").read_text())
+    (root / "annotations" / "instances_val.json").write_text(
+        (root / "annotations" / "instances_train.json").read_text()
+    )
     capsys.readouterr()
     run = tmp_path / "run"
-    assert main(["detect", "train", "--data", str(root), "--out", str(run), *TRAIN, "--epochs", "1",
-                 "--batch-size", "2"]) == 0
+    assert (
+        main(["detect", "train", "--data", str(root), "--out", str(run), *TRAIN, "--epochs", "1", "--batch-size", "2"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "clipped 1 box" in err and "dropped 1 box" in err and "category_id" in err and "unreadable" in err
     row = rows_of(run)[0]
     fixes = row["data_fixes"]["train"]
     assert fixes["clipped_boxes"] == 1 and fixes["dropped_boxes"] == 1 and fixes["unknown_category"] == 1
-    assert fixes["negative_images"] == 4      # images 2, 3 (their only box went), 7 and 8
-    assert row["skipped_images"] >= 2          # the corrupt image, in training and in validation
+    assert fixes["negative_images"] == 4  # images 2, 3 (their only box went), 7 and 8
+    assert row["skipped_images"] >= 2  # the corrupt image, in training and in validation
     eval_report = json.loads((run / "eval.json").read_text())["evaluations"][0]
     assert list(eval_report["bbox"]["per_class"]) == ["cat", "dog"]
 
@@ -324,8 +423,10 @@ def test_init_from_another_variant_fails_with_one_line(scene_dir, tmp_path, caps
     other = swinx.create_model("swin_t", embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4)
     swinx.save_model(other, tmp_path / "other.safetensors")
     capsys.readouterr()
-    assert main(detect_cmd(scene_dir, tmp_path / "run", "--epochs", "1", "--init",
-                           str(tmp_path / "other.safetensors"))) == 2
+    assert (
+        main(detect_cmd(scene_dir, tmp_path / "run", "--epochs", "1", "--init", str(tmp_path / "other.safetensors")))
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     # One error, headed by one line; the checkpoint report under it says what differs.
     assert err.startswith("swinx detect train: error: --init") and err.count("error:") == 1, err

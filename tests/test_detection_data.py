@@ -8,14 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import one_thread  # noqa: F401
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from helpers import one_thread  # noqa: F401
 from swinx.detection import scenes
-from swinx.detection.data import (CocoDetection, MultiScaleCollate, collate, eval_transforms, find_splits,
-                                  load_instances, train_transforms)
+from swinx.detection.data import (
+    CocoDetection,
+    MultiScaleCollate,
+    collate,
+    eval_transforms,
+    find_splits,
+    load_instances,
+    train_transforms,
+)
 from swinx.detection.evaluate import coco_evaluate, to_coco_results
 from swinx.engine.data import DataError, Unreadable
 
@@ -71,7 +78,7 @@ def test_scenes_use_disjoint_digit_pools(scene_dir):
             sprite = scenes.digit_sprite(pools[split][a["source_index"]], max(h, w))
             assert sprite.shape == (h, w)
             expected = np.zeros_like(mask)
-            expected[y:y + h, x:x + w] = sprite > scenes.MASK_THRESHOLD
+            expected[y : y + h, x : x + w] = sprite > scenes.MASK_THRESHOLD
             assert np.array_equal(mask, expected)
             assert a["category_id"] == int(pools[f"{split}_labels"][a["source_index"]]) + 1
             used[split].add(pools[split][a["source_index"]].tobytes())
@@ -105,8 +112,7 @@ def test_scene_annotations_are_tight_and_consistent(scene_dir):
                 union |= mask.astype(bool)
             # Digits are bright strokes on a dark canvas.
             assert pixels[union].mean() > 120 and pixels[~union].mean() < 40
-            boxes = [np.array(a["bbox"][:2] + [a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]])
-                     for a in anns]
+            boxes = [np.array(a["bbox"][:2] + [a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]) for a in anns]
             for i, box in enumerate(boxes):
                 iou, _ = scenes._box_iou_cover(box, boxes[:i])
                 assert iou <= scenes.MAX_IOU + 1e-9
@@ -118,7 +124,7 @@ def test_digit_sprite_keeps_shape():
         sprite = scenes.digit_sprite(digit, side)
         assert max(sprite.shape) == side and sprite.dtype == np.uint8
     rows, cols = np.nonzero(digit)
-    crop = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    crop = digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     back = np.asarray(Image.fromarray(scenes.digit_sprite(digit, 80)).resize(crop.shape[::-1], Image.BILINEAR))
     assert np.corrcoef(back.ravel().astype(float), crop.ravel().astype(float))[0, 1] > 0.9
 
@@ -154,13 +160,26 @@ def _tiny_coco(root: Path, **changes) -> tuple[Path, Path]:
         ],
         "categories": [{"id": 90, "name": "zebra"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
         "annotations": [
-            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 8], "area": 40, "iscrowd": 0,
-             "segmentation": [[2, 3, 12, 3, 2, 11]]},
+            {
+                "id": 1,
+                "image_id": 10,
+                "category_id": 7,
+                "bbox": [2, 3, 10, 8],
+                "area": 40,
+                "iscrowd": 0,
+                "segmentation": [[2, 3, 12, 3, 2, 11]],
+            },
             {"id": 2, "image_id": 10, "category_id": 90, "bbox": [30, 20, 20, 20], "iscrowd": 0},  # reaches outside
             {"id": 3, "image_id": 10, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0},  # unknown category
             {"id": 4, "image_id": 10, "category_id": 3, "bbox": [5, 5, 0, 4], "iscrowd": 0},  # zero width
-            {"id": 5, "image_id": 10, "category_id": 3, "bbox": [0, 0, 10, 10], "iscrowd": 1,
-             "segmentation": {"size": [30, 40], "counts": [100, 20, 1080]}},
+            {
+                "id": 5,
+                "image_id": 10,
+                "category_id": 3,
+                "bbox": [0, 0, 10, 10],
+                "iscrowd": 1,
+                "segmentation": {"size": [30, 40], "counts": [100, 20, 1080]},
+            },
             {"id": 6, "image_id": 40, "category_id": 3, "bbox": [-9, -9, 4, 4], "iscrowd": 0},  # wholly outside
             {"id": 7, "image_id": 40, "category_id": 3, "bbox": [4, 2, 6, 6], "iscrowd": 0},
             {"id": 8, "image_id": 30, "category_id": 3, "bbox": [4, 2, 6, 6], "iscrowd": 0},
@@ -223,12 +242,15 @@ def test_coco_cleaning_and_samples(tmp_path, capsys):
     assert val[0][1]["labels"].tolist() == [1]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not valid JSON"),
-    ("[1, 2]", "not a COCO instances file: its top level is a JSON list"),
-    ('{"annotations": [], "categories": []}', "not a COCO instances file: missing 'images'"),
-    ('{"images": {}, "annotations": [], "categories": []}', "'images' is a dict"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "not a COCO instances file: its top level is a JSON list"),
+        ('{"annotations": [], "categories": []}', "not a COCO instances file: missing 'images'"),
+        ('{"images": {}, "annotations": [], "categories": []}', "'images' is a dict"),
+    ],
+)
 def test_malformed_json_is_one_clear_error(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -265,8 +287,10 @@ def test_find_splits(tmp_path):
     with pytest.raises(DataError, match="no image folder"):
         find_splits(root)
     (root / "train2017").mkdir()
-    assert find_splits(root) == {"train": (root / "train2017", root / "annotations" / "instances_train2017.json"),
-                                 "val": None}
+    assert find_splits(root) == {
+        "train": (root / "train2017", root / "annotations" / "instances_train2017.json"),
+        "val": None,
+    }
     with pytest.raises(DataError, match="no COCO val split"):
         find_splits(root, require_val=True)
     (root / "annotations" / "instances_val2017.json").write_text("{}")
@@ -318,8 +342,12 @@ def test_flip_and_resize_keep_boxes_on_masks(scene_dir):
 
 
 def test_multiscale_draws_one_size_per_batch_reproducibly(scene_dir):
-    ds = CocoDetection(scene_dir / "val", scene_dir / "annotations" / "instances_val.json",
-                       transforms=train_transforms(0.5), masks=False)
+    ds = CocoDetection(
+        scene_dir / "val",
+        scene_dir / "annotations" / "instances_val.json",
+        transforms=train_transforms(0.5),
+        masks=False,
+    )
     batch = [ds[0], ds[1]]
 
     def sizes():
@@ -349,9 +377,15 @@ def _truth_as_predictions(ds) -> list[dict]:
             continue
         _, target = sample
         n = len(target["labels"])
-        out.append(dict(image_id=target["image_id"], boxes=target["boxes"].clone(),
-                        scores=torch.linspace(1, 0.5, n), labels=target["labels"].clone(),
-                        masks=target["masks"][:, None].float()))
+        out.append(
+            dict(
+                image_id=target["image_id"],
+                boxes=target["boxes"].clone(),
+                scores=torch.linspace(1, 0.5, n),
+                labels=target["labels"].clone(),
+                masks=target["masks"][:, None].float(),
+            )
+        )
     return out
 
 
@@ -371,9 +405,15 @@ def test_evaluate_perfect_garbage_and_empty(scene_dir, capsys):
     for p in perfect:
         n, size = 20, SMALL["size"]
         xy = torch.rand(n, 2, generator=generator) * (size - 6)
-        garbage.append(dict(image_id=p["image_id"], boxes=torch.cat([xy, xy + 5], 1), scores=torch.rand(n),
-                            labels=torch.randint(1, 11, (n,), generator=generator),
-                            masks=torch.rand(n, 1, size, size, generator=generator) ** 8))
+        garbage.append(
+            dict(
+                image_id=p["image_id"],
+                boxes=torch.cat([xy, xy + 5], 1),
+                scores=torch.rand(n),
+                labels=torch.randint(1, 11, (n,), generator=generator),
+                masks=torch.rand(n, 1, size, size, generator=generator) ** 8,
+            )
+        )
     bad = coco_evaluate(ds, garbage)
     assert bad["bbox"]["AP"] < 0.02 and bad["segm"]["AP"] < 0.02
 
@@ -398,8 +438,9 @@ def test_evaluate_maps_labels_back_to_category_ids(tmp_path):
     assert set(scores["bbox"]["per_class"]) == {"cat", "dog", "zebra"}
     assert coco_evaluate(ds, perfect, iou_types=("bbox",))["bbox"]["AP"] < 1  # ... and by default counts as missed
     # Swapping two labels must cost: the mapping back to ids is what is being scored.
-    swapped = [dict(p, labels=torch.where(p["labels"] == 2, 3, torch.where(p["labels"] == 3, 2, p["labels"])))
-               for p in perfect]
+    swapped = [
+        dict(p, labels=torch.where(p["labels"] == 2, 3, torch.where(p["labels"] == 3, 2, p["labels"]))) for p in perfect
+    ]
     assert coco_evaluate(ds, swapped, iou_types=("bbox",), image_ids=read)["bbox"]["per_class"]["dog"] == 0.0
     # A bare pycocotools COCO works too (labels then follow its sorted category ids).
     assert isinstance(ds.coco, COCO)

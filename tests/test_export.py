@@ -9,12 +9,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 import swinx
-from swinx.cli import main
-from swinx.tools.export import (ExportError, default_sizes, export_onnx, export_program, min_side, onnx_session,
-                          read_onnx_metadata, read_program_metadata)
-from swinx.model.windows import window_geometry, window_index
-
 from helpers import one_thread, randomize  # noqa: F401
+from swinx.cli import main
+from swinx.model.windows import window_geometry, window_index
+from swinx.tools.export import (
+    ExportError,
+    default_sizes,
+    export_onnx,
+    export_program,
+    min_side,
+    onnx_session,
+    read_onnx_metadata,
+    read_program_metadata,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,9 +31,18 @@ MAPS = [(14, 14), (13, 20), (7, 10), (4, 6), (6, 4), (1, 9), (3, 3), (8, 8), (15
 
 
 def small_model(version=1, small_map="clamp", pretrained=0, classes=5, **overrides):
-    config = swinx.SwinConfig(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=7, version=version,
-                              pretrained_window_sizes=(pretrained,) * 3, small_map=small_map, img_size=56,
-                              num_classes=classes, **overrides)
+    config = swinx.SwinConfig(
+        embed_dim=16,
+        depths=(2, 2, 2),
+        num_heads=(1, 2, 4),
+        window_size=7,
+        version=version,
+        pretrained_window_sizes=(pretrained,) * 3,
+        small_map=small_map,
+        img_size=56,
+        num_classes=classes,
+        **overrides,
+    )
     torch.manual_seed(version * 10 + pretrained)
     return randomize(swinx.SwinTransformer(config)).eval()
 
@@ -148,8 +164,14 @@ def test_one_onnx_export_runs_every_size_in_onnxruntime(name, tmp_path):
 @pytest.mark.parametrize("opset,attention", [(18, "exact"), (23, "fused"), (23, "exact")])
 def test_onnx_opsets_and_attention_choices(opset, attention, tmp_path):
     model = small_model(2, pretrained=5)
-    report = export_onnx(model, tmp_path / "m.onnx", opset=opset, attention=attention,
-                         sizes=[(56, 56), (17, 17), (30, 101), (9 * 16 + 3, 50)], batches=(1, 3))
+    report = export_onnx(
+        model,
+        tmp_path / "m.onnx",
+        opset=opset,
+        attention=attention,
+        sizes=[(56, 56), (17, 17), (30, 101), (9 * 16 + 3, 50)],
+        batches=(1, 3),
+    )
     assert len(report.checks) == 8 and report.max_abs_diff <= 1e-4
     proto = onnx.load(tmp_path / "m.onnx")
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [opset]
@@ -175,8 +197,9 @@ def test_onnx_export_pad_shift(tmp_path):
 def test_torch_export_program_any_size(version, small_map, tmp_path):
     model = small_model(version, small_map)
     model.class_names = list("abcde")
-    report = export_program(model, tmp_path / "m.pt2", sizes=[(56, 56), (17, 40), (200, 31)], batches=(1, 4),
-                            extra_metadata={"note": "hi"})
+    report = export_program(
+        model, tmp_path / "m.pt2", sizes=[(56, 56), (17, 40), (200, 31)], batches=(1, 4), extra_metadata={"note": "hi"}
+    )
     assert len(report.checks) == 6 and report.max_abs_diff <= 1e-4
     info = read_program_metadata(tmp_path / "m.pt2")
     assert info["class_names"] == list("abcde") and info["note"] == "hi" and info["min_side"] == min_side(model) == 17
@@ -203,8 +226,25 @@ def test_cli_export_then_predict_with_onnxruntime_matches_pytorch(tmp_path, caps
     model = small_model(classes=3)
     swinx.save_model(model, tmp_path / "m.safetensors", class_names=["cat", "dog", "owl"])
     out = tmp_path / "deploy" / "m.onnx"
-    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "onnx", str(out),
-                 "--verify-sizes", "56", "30x100", "--verify-batches", "1", "2"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "m.safetensors"),
+                "--format",
+                "onnx",
+                str(out),
+                "--verify-sizes",
+                "56",
+                "30x100",
+                "--verify-batches",
+                "1",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "verified: max |diff|" in printed and "batch 2 at 30x100" in printed and "17..8192" in printed
     info = read_onnx_metadata(onnx_session(out))
@@ -230,21 +270,38 @@ def test_cli_export_then_predict_with_onnxruntime_matches_pytorch(tmp_path, caps
 def test_cli_export_torch_program(tmp_path, capsys):
     swinx.save_model(small_model(2, pretrained=5), tmp_path / "m.safetensors")
     out = tmp_path / "m.pt2"
-    code = main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "torch-export", str(out),
-                 "--verify-sizes", "64", "20x90", "--verify-batches", "1", "3"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(tmp_path / "m.safetensors"),
+            "--format",
+            "torch-export",
+            str(out),
+            "--verify-sizes",
+            "64",
+            "20x90",
+            "--verify-batches",
+            "1",
+            "3",
+        ]
+    )
     assert code == 0 and out.is_file()
     printed = capsys.readouterr().out
     assert "torch.export.load vs PyTorch, batch 3 at 20x90" in printed and "verified" in printed
     assert read_program_metadata(out)["input"]["img_size"] == 56
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "swin_t", "--format", "onnx", "--opset", "17"], "opset 17 is not supported"),
-    (["--model", "swin_t", "--format", "onnx", "--verify-sizes", "20"], "outside what the export accepts"),
-    (["--model", "swin_t", "--format", "onnx", "--verify-sizes", "big"], "is not N or HxW"),
-    (["--checkpoint", "missing.safetensors", "--format", "onnx"], "does not exist"),
-    (["--model", "swin_nano", "--format", "onnx"], "swin_nano"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "swin_t", "--format", "onnx", "--opset", "17"], "opset 17 is not supported"),
+        (["--model", "swin_t", "--format", "onnx", "--verify-sizes", "20"], "outside what the export accepts"),
+        (["--model", "swin_t", "--format", "onnx", "--verify-sizes", "big"], "is not N or HxW"),
+        (["--checkpoint", "missing.safetensors", "--format", "onnx"], "does not exist"),
+        (["--model", "swin_nano", "--format", "onnx"], "swin_nano"),
+    ],
+)
 def test_cli_export_bad_input(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["export", "out.onnx", *args]) == 2

@@ -16,8 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 def swinx(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swinx", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "swinx", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def test_default_training_reaches_95_percent_and_predict_agrees(tmp_path):
@@ -38,8 +43,16 @@ def test_default_training_reaches_95_percent_and_predict_agrees(tmp_path):
         Image.fromarray(held_out.images[i, 0].numpy()).save(path)
         paths.append(str(path))
         labels.append(str(int(held_out.labels[i])))
-    done = swinx("predict", "--checkpoint", str(tmp_path / "run" / "last.safetensors"), "--json", "--topk", "3",
-                 *paths, cwd=tmp_path)
+    done = swinx(
+        "predict",
+        "--checkpoint",
+        str(tmp_path / "run" / "last.safetensors"),
+        "--json",
+        "--topk",
+        "3",
+        *paths,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)
     assert [r["image"] for r in results] == paths

@@ -31,7 +31,7 @@ def test_any_input_size(version, size):
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
     h, w = -(-size[0] // 4), -(-size[1] // 4)
     for i, f in enumerate(features):
-        assert f.shape == (2, 32 * 2 ** i, h, w)
+        assert f.shape == (2, 32 * 2**i, h, w)
         h, w = -(-h // 2), -(-w // 2)
 
 
@@ -166,14 +166,17 @@ def test_absolute_position_embedding_any_size():
         assert model(torch.randn(1, 3, 96, 40)).shape == (1, 5)
 
 
-@pytest.mark.parametrize("x,error,match", [
-    (torch.randn(3, 64, 64), ValueError, "unsqueeze"),
-    (torch.randn(1, 1, 64, 64), ValueError, "expected 3 input channels, got 1"),
-    (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), TypeError, "floating-point"),
-    (torch.randn(0, 3, 64, 64), ValueError, "empty batch"),
-    (torch.randn(1, 3, 3, 64), ValueError, "smaller than one 4x4 patch"),
-    ([[1.0]], TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (torch.randn(3, 64, 64), ValueError, "unsqueeze"),
+        (torch.randn(1, 1, 64, 64), ValueError, "expected 3 input channels, got 1"),
+        (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), TypeError, "floating-point"),
+        (torch.randn(0, 3, 64, 64), ValueError, "empty batch"),
+        (torch.randn(1, 3, 3, 64), ValueError, "smaller than one 4x4 patch"),
+        ([[1.0]], TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(x, error, match):
     with pytest.raises(error, match=match):
         small(1)(x)

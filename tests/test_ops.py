@@ -17,15 +17,15 @@ from helpers import SMALL, max_diff, one_thread, randomize  # noqa: F401 - one_t
 from swinx.model import ops
 from swinx.model.swin import SwinBlock
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # two threads on two shared cores: see helpers
+pytestmark = pytest.mark.usefixtures("one_thread")  # two threads on two shared cores: see helpers
 
-SHAPES = [(5, 24), (3, 7, 24), (2, 4, 49, 24)]          # 2-D, 3-D, 4-D inputs (the last: windows)
+SHAPES = [(5, 24), (3, 7, 24), (2, 4, 49, 24)]  # 2-D, 3-D, 4-D inputs (the last: windows)
 MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
 def reference(x, weight, bias, gelu):
     y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y          # F.gelu defaults to the exact erf form
+    return F.gelu(y) if gelu else y  # F.gelu defaults to the exact erf form
 
 
 def operands(shape, out_features=40, bias=True, seed=0, requires_grad=False):
@@ -67,9 +67,9 @@ def test_fast_linear_matches_f_linear(mode, shape, bias, gelu):
         expected = reference(x, weight, b, gelu)
     assert fast.shape == expected.shape == (*shape[:-1], 40)
     assert fast.dtype == torch.float32
-    assert torch.equal(plain, expected)      # fast=False is F.linear itself
+    assert torch.equal(plain, expected)  # fast=False is F.linear itself
     scale = expected.abs().max().item()
-    assert scale > 0.5                        # magnitudes are O(1): atol 1e-5 is a relative check
+    assert scale > 0.5  # magnitudes are O(1): atol 1e-5 is a relative check
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -77,12 +77,13 @@ def test_fast_linear_matches_f_linear(mode, shape, bias, gelu):
 def test_fast_linear_on_non_contiguous_input(mode):
     """Window attention hands ops.linear views; a transposed input must not be read as if contiguous."""
     x, weight, b = operands((2, 9, 24))
-    x = x.transpose(1, 2).contiguous().transpose(1, 2)     # same values, column-major strides
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major strides
     assert not x.is_contiguous()
     with MODES[mode]():
         for gelu in (False, True):
-            torch.testing.assert_close(ops.linear(x, weight, b, gelu=gelu), reference(x, weight, b, gelu),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                ops.linear(x, weight, b, gelu=gelu), reference(x, weight, b, gelu), rtol=1e-5, atol=1e-5
+            )
 
 
 def test_fast_linear_leaves_other_dtypes_to_f_linear():
@@ -100,9 +101,9 @@ def test_fast_linear_under_bfloat16_autocast(mode, gelu, bias):
     with MODES[mode](), torch.autocast("cpu", torch.bfloat16):
         fast = ops.linear(x, weight, b, gelu=gelu)
         expected = reference(x, weight, b, gelu)
-    assert expected.dtype == torch.bfloat16          # what autocast does to F.linear ...
-    assert fast.dtype == torch.bfloat16              # ... ops.linear does too
-    exact = reference(x, weight, b, gelu)            # float32, no autocast
+    assert expected.dtype == torch.bfloat16  # what autocast does to F.linear ...
+    assert fast.dtype == torch.bfloat16  # ... ops.linear does too
+    exact = reference(x, weight, b, gelu)  # float32, no autocast
     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, inputs and output rounded
     torch.testing.assert_close(fast.float(), expected.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(fast.float(), exact, rtol=3e-2, atol=3e-2)
@@ -160,7 +161,7 @@ def test_linear_with_autograd_under_bfloat16_autocast():
     assert y.dtype == expected.dtype == torch.bfloat16 and y.grad_fn is not None
     y.float().sum().backward()
     expected.float().sum().backward()
-    assert weight.grad.dtype == torch.float32          # the float32 leaf gets a float32 gradient
+    assert weight.grad.dtype == torch.float32  # the float32 leaf gets a float32 gradient
     for mine, theirs in ((x, x2), (weight, weight2), (b, b2)):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=3e-2, atol=3e-2)
 
@@ -203,7 +204,7 @@ def test_whole_model_fast_paths_match_plain_ops(version, monkeypatch):
 def test_whole_model_fast_paths_match_plain_ops_in_training(version, monkeypatch):
     """Forward and every parameter gradient with autograd recording: oneDNN linear with its backward
     and fused attention against F.linear and explicit softmax attention."""
-    fast = small_model(version).eval()            # eval: no dropout, but the graph is recorded
+    fast = small_model(version).eval()  # eval: no dropout, but the graph is recorded
     plain = copy.deepcopy(fast)
     x = torch.randn(2, 3, 72, 104, generator=torch.Generator().manual_seed(3))
     outs = []
@@ -246,9 +247,9 @@ def test_training_after_inference_mode(version):
     labels = torch.tensor([1, 4])
     with torch.inference_mode():
         before = model(x)
-    train_step(model, x, labels)              # same size: every cached tensor is reused
+    train_step(model, x, labels)  # same size: every cached tensor is reused
     model.eval()
-    with torch.no_grad():                     # and a plain no_grad forward still agrees
+    with torch.no_grad():  # and a plain no_grad forward still agrees
         assert max_diff(model(x), before) < 1e-5
 
 
@@ -275,10 +276,10 @@ def test_cached_attention_bias_follows_parameter_updates(version):
     x = torch.randn(1, 3, 100, 76)
     model.eval()
     with torch.inference_mode():
-        model(x)                               # fills the caches
+        model(x)  # fills the caches
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     train_step(model, x, torch.tensor([2]))
-    optimizer.step()                           # changes the bias tables / cpb MLP in place
+    optimizer.step()  # changes the bias tables / cpb MLP in place
     model.eval()
     fresh = swinx.SwinTransformer(model.config).eval()
     fresh.load_state_dict(model.state_dict())
@@ -300,9 +301,9 @@ def shifted_block(version, dim=32, heads=2, seed=0):
 @pytest.mark.parametrize("version", [1, 2])
 def test_shifted_block_fused_matches_exact_at_padded_size(version):
     block = shifted_block(version)
-    x = torch.randn(2, 13, 17, 32)                 # padded to 14 x 21: 2 x 3 windows of 7 x 7
+    x = torch.randn(2, 13, 17, 32)  # padded to 14 x 21: 2 x 3 windows of 7 x 7
     with torch.no_grad():
-        geometry_out = block.window_attention(x, return_attn=True)   # exact path, always
+        geometry_out = block.window_attention(x, return_attn=True)  # exact path, always
         fused = block(x)
         block.attn.fused = block.mlp.fused = False
         exact = block(x)
@@ -328,22 +329,23 @@ def test_shift_mask_separates_regions_that_the_roll_brings_together(fused):
     """Token (0, 0) rolls into the bottom-right window beside token (12, 0) (13 x 17 map, window 7,
     shift 3, padded to 14 x 21); the mask must keep them from seeing each other, while (1, 1),
     in the same region, does see (0, 0). Without the mask (the control), (12, 0) would change."""
+
     def response(block):
         block.attn.fused = block.mlp.fused = fused
         x = torch.randn(1, 13, 17, 32, generator=torch.Generator().manual_seed(5))
         y = x.clone()
-        y[0, 0, 0, 0] += 3.0            # one channel: LayerNorm would undo a shift of all of them
+        y[0, 0, 0, 0] += 3.0  # one channel: LayerNorm would undo a shift of all of them
         with torch.no_grad():
-            return (block(y) - block(x)).abs().amax(-1)[0]    # (13, 17) change per token
+            return (block(y) - block(x)).abs().amax(-1)[0]  # (13, 17) change per token
 
     block = shifted_block(1)
     change = response(block)
     assert change[1, 1] > 1e-3 and change[0, 0] > 1e-3
     assert change[12, 0] < 1e-6, change[12, 0]
     elsewhere = change.clone()
-    elsewhere[:3, :3] = 0                           # (0, 0)'s region of its shifted window
-    assert elsewhere.max() < 1e-6                   # nothing else sees the change
+    elsewhere[:3, :3] = 0  # (0, 0)'s region of its shifted window
+    assert elsewhere.max() < 1e-6  # nothing else sees the change
 
     unmasked = shifted_block(1)
     unmasked.attn.shift_mask = lambda geometry, padded: None
-    assert response(unmasked)[12, 0] > 1e-3        # the check above can fail
+    assert response(unmasked)[12, 0] > 1e-3  # the check above can fail

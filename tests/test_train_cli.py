@@ -23,23 +23,51 @@ import yaml
 from PIL import Image
 
 import swinx
+from helpers import one_thread  # noqa: F401 - a fixture, used through pytestmark
 from swinx.classification import data as D
 from swinx.classification import recipe as T
-from swinx.cli import main
 from swinx.classification.inference import load_for_inference, transform_for
-from helpers import one_thread  # noqa: F401 - a fixture, used through pytestmark
+from swinx.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Sorted order (apple, mango, zebra) differs from creation order, so a wrong class order shows.
 COLOURS = {"zebra": (40, 50, 210), "apple": (215, 35, 35), "mango": (40, 195, 50)}
 CLASSES = sorted(COLOURS)
-TINY = ["--model", "swin_t", "--model-args", '{"embed_dim":16,"depths":[1,1],"num_heads":[1,2]}',
-        "--img-size", "32", "--window-size", "4", "--batch-size", "8", "--workers", "0", "--progress", "off"]
+TINY = [
+    "--model",
+    "swin_t",
+    "--model-args",
+    '{"embed_dim":16,"depths":[1,1],"num_heads":[1,2]}',
+    "--img-size",
+    "32",
+    "--window-size",
+    "4",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--progress",
+    "off",
+]
 TINY1 = [*TINY, "--epochs", "1"]  # for runs meant to fail: a bug must not mean 300 epochs
 # Learn the colours in an epoch or two: no warm-up, no heavy augmentation.
-FAST = ["--lr", "0.3", "--warmup-epochs", "0", "--mixup", "0", "--cutmix", "0", "--auto-augment", "none",
-        "--reprob", "0", "--drop-path", "0"]
+FAST = [
+    "--lr",
+    "0.3",
+    "--warmup-epochs",
+    "0",
+    "--mixup",
+    "0",
+    "--cutmix",
+    "0",
+    "--auto-augment",
+    "none",
+    "--reprob",
+    "0",
+    "--drop-path",
+    "0",
+]
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "epoch_seconds"}
 
 
@@ -241,19 +269,28 @@ def test_zero_learning_rate_is_not_a_crash(tree, tmp_path, capsys):
 
 
 def test_yaml_config_sets_values_and_flags_override(tree, tmp_path):
-    settings = {"data": str(tree), "model": "swin_t", "model_args": {"embed_dim": 16, "depths": [1, 1],
-                                                                     "num_heads": [1, 2]},
-                "img_size": 32, "window_size": 4, "batch_size": 4, "workers": 0, "progress": "off",
-                "epochs": 5, "label_smoothing": 0.25, "auto_augment": "none"}
+    settings = {
+        "data": str(tree),
+        "model": "swin_t",
+        "model_args": {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]},
+        "img_size": 32,
+        "window_size": 4,
+        "batch_size": 4,
+        "workers": 0,
+        "progress": "off",
+        "epochs": 5,
+        "label_smoothing": 0.25,
+        "auto_augment": "none",
+    }
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(settings))
     out = tmp_path / "run"
     assert main(["train", "--config", str(config_file), "--epochs", "1", "--out", str(out)]) == 0
     written = yaml.safe_load((out / "config.yaml").read_text())
-    assert written["epochs"] == 1                      # the flag beat the YAML's 5
+    assert written["epochs"] == 1  # the flag beat the YAML's 5
     assert written["batch_size"] == 4 and written["label_smoothing"] == 0.25 and written["img_size"] == 32
     assert written["data"] == str(tree)
-    assert written["mixup"] == 0.8                     # with data, the ImageNet recipe fills the rest
+    assert written["mixup"] == 0.8  # with data, the ImageNet recipe fills the rest
     assert len(read_metrics(out)) == 1
 
 
@@ -280,8 +317,8 @@ def test_yaml_that_is_not_a_mapping_is_a_clear_error(tmp_path, capsys):
 
 
 def test_open_image_composites_transparency_over_white(tmp_path):
-    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))   # fully transparent red
-    rgba.putpixel((0, 0), (0, 0, 255, 255))          # one opaque blue pixel
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((0, 0), (0, 0, 255, 255))  # one opaque blue pixel
     rgba.save(tmp_path / "a.png")
     rgb = D.open_image(tmp_path / "a.png", 3)
     assert rgb.mode == "RGB" and rgb.getpixel((1, 1)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (0, 0, 255)
@@ -291,8 +328,11 @@ def test_open_image_composites_transparency_over_white(tmp_path):
     assert D.open_image(tmp_path / "g.png", 3).getpixel((0, 0)) == (77, 77, 77)
 
 
-@pytest.mark.parametrize("channels, stats", [(1, []), (1, ["--mean", "0.5", "--std", "0.25"]), (3, [])],
-                         ids=["gray", "gray-own-stats", "rgb"])
+@pytest.mark.parametrize(
+    "channels, stats",
+    [(1, []), (1, ["--mean", "0.5", "--std", "0.25"]), (3, [])],
+    ids=["gray", "gray-own-stats", "rgb"],
+)
 def test_every_mode_and_format_trains_and_predicts(tmp_path, capsys, channels, stats):
     """`--in-chans 1` alone must work: the default normalisation cannot stay ImageNet's three channels."""
     val_paths = make_mixed_tree(tmp_path / "data")
@@ -302,7 +342,7 @@ def test_every_mode_and_format_trains_and_predicts(tmp_path, capsys, channels, s
     assert code == 0, captured.err
     assert "warning" not in captured.err, captured.err
     (row,) = read_metrics(out)
-    assert row["skipped_images"] == 0      # every RGBA, P, LA, L, WebP and BMP file was read
+    assert row["skipped_images"] == 0  # every RGBA, P, LA, L, WebP and BMP file was read
     model = swinx.load_model(out / "last.safetensors")
     assert model.config.in_chans == channels and model.class_names == CLASSES
     train_paths = sorted(str(p) for p in (tmp_path / "data" / "train").rglob("*.*"))
@@ -331,8 +371,9 @@ def _expect_error(capsys, argv, *fragments, code=2) -> str:
 
 def test_missing_data_dir(tmp_path, capsys):
     missing = tmp_path / "nope"
-    _expect_error(capsys, ["train", "--data", str(missing), *TINY1, "--out", str(tmp_path / "o")],
-                  str(missing), "does not exist")
+    _expect_error(
+        capsys, ["train", "--data", str(missing), *TINY1, "--out", str(tmp_path / "o")], str(missing), "does not exist"
+    )
 
 
 def test_data_dir_that_is_a_file(tmp_path, capsys):
@@ -343,15 +384,15 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
 
 def test_data_dir_without_train(tmp_path, capsys):
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
-    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")],
-                  "train/")
+    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")], "train/")
 
 
 def test_train_without_class_folders(tmp_path, capsys):
     (tmp_path / "data" / "train").mkdir(parents=True)
     _swatch((1, 2, 3), random.Random(0)).save(tmp_path / "data" / "train" / "loose.png")
-    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")],
-                  "no class folders")
+    _expect_error(
+        capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")], "no class folders"
+    )
 
 
 def test_class_folder_without_images_is_named(tmp_path, capsys):
@@ -359,8 +400,12 @@ def test_class_folder_without_images_is_named(tmp_path, capsys):
     empty = tmp_path / "data" / "train" / "empty_class"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    _expect_error(capsys, ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")],
-                  str(empty), "no images")
+    _expect_error(
+        capsys,
+        ["train", "--data", str(tmp_path / "data"), *TINY1, "--out", str(tmp_path / "o")],
+        str(empty),
+        "no images",
+    )
 
 
 def test_val_class_unknown_to_train_is_named(tmp_path, capsys):
@@ -372,36 +417,63 @@ def test_val_class_unknown_to_train_is_named(tmp_path, capsys):
 
 
 def _other_v1(path: Path) -> Path:
-    model = swinx.create_model("swin_t", embed_dim=24, depths=[1, 1], num_heads=[1, 2], num_classes=3,
-                               img_size=32, window_size=4)
+    model = swinx.create_model(
+        "swin_t", embed_dim=24, depths=[1, 1], num_heads=[1, 2], num_classes=3, img_size=32, window_size=4
+    )
     swinx.save_model(model, path, CLASSES)
     return path
 
 
 def _official_v2(path: Path) -> Path:
-    model = swinx.create_model("swinv2_t", embed_dim=16, depths=[1, 1], num_heads=[1, 2], num_classes=3,
-                               img_size=32, window_size=4)
+    model = swinx.create_model(
+        "swinv2_t", embed_dim=16, depths=[1, 1], num_heads=[1, 2], num_classes=3, img_size=32, window_size=4
+    )
     torch.save({"model": swinx.export_state_dict(model, "official")}, path)
     return path
 
 
-@pytest.mark.parametrize("make, name, hint", [(_other_v1, "e24.safetensors", "shapes differ"),
-                                              (_official_v2, "v2.pth", "V2")],
-                         ids=["swinx-embed-24", "official-swinv2"])
+@pytest.mark.parametrize(
+    "make, name, hint",
+    [(_other_v1, "e24.safetensors", "shapes differ"), (_official_v2, "v2.pth", "V2")],
+    ids=["swinx-embed-24", "official-swinv2"],
+)
 def test_init_from_a_checkpoint_that_does_not_fit(tree, tmp_path, capsys, make, name, hint):
     checkpoint = make(tmp_path / name)
     out = tmp_path / "o"
-    err = _expect_error(capsys, ["train", "--data", str(tree), *TINY1, "--out", str(out), "--init", str(checkpoint)],
-                        "--init", str(checkpoint), "does not fit", hint)
-    assert "embed_dim 16" in err      # it says what the model is
+    err = _expect_error(
+        capsys,
+        ["train", "--data", str(tree), *TINY1, "--out", str(out), "--init", str(checkpoint)],
+        "--init",
+        str(checkpoint),
+        "does not fit",
+        hint,
+    )
+    assert "embed_dim 16" in err  # it says what the model is
     assert not (out / "last.safetensors").exists()
 
 
 def test_init_from_a_fitting_checkpoint_starts_from_it(run, tree, tmp_path, capsys):
     out, _, _ = run
     target = tmp_path / "ft"
-    assert train_tiny(tree, target, "--init", str(out / "last.safetensors"), "--lr", "1e-12", "--min-lr", "1e-12",
-                      "--warmup-lr", "1e-12", "--weight-decay", "0", "--drop-path", "0") == 0
+    assert (
+        train_tiny(
+            tree,
+            target,
+            "--init",
+            str(out / "last.safetensors"),
+            "--lr",
+            "1e-12",
+            "--min-lr",
+            "1e-12",
+            "--warmup-lr",
+            "1e-12",
+            "--weight-decay",
+            "0",
+            "--drop-path",
+            "0",
+        )
+        == 0
+    )
     assert "initialised from" in capsys.readouterr().out
     before, after = swinx.load_model(out / "last.safetensors"), swinx.load_model(target / "last.safetensors")
     for key, value in before.state_dict().items():  # lr ~0: the weights barely moved
@@ -411,25 +483,35 @@ def test_init_from_a_fitting_checkpoint_starts_from_it(run, tree, tmp_path, caps
 def test_unwritable_output_directory(tree, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _expect_error(capsys, ["train", "--data", str(tree), *TINY1, "--out", str(blocker / "run")],
-                  "cannot write to output directory", str(blocker / "run"))
+    _expect_error(
+        capsys,
+        ["train", "--data", str(tree), *TINY1, "--out", str(blocker / "run")],
+        "cannot write to output directory",
+        str(blocker / "run"),
+    )
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()
-    _expect_error(capsys, ["train", "--resume", str(tmp_path / "notarun")], str(tmp_path / "notarun"),
-                  "not a swinx run directory")
+    _expect_error(
+        capsys, ["train", "--resume", str(tmp_path / "notarun")], str(tmp_path / "notarun"), "not a swinx run directory"
+    )
 
 
 def test_eval_with_a_missing_checkpoint(tree, tmp_path, capsys):
     missing = tmp_path / "missing.safetensors"
-    _expect_error(capsys, ["eval", "--checkpoint", str(missing), "--data", str(tree), "--workers", "0"],
-                  str(missing), "does not exist")
+    _expect_error(
+        capsys,
+        ["eval", "--checkpoint", str(missing), "--data", str(tree), "--workers", "0"],
+        str(missing),
+        "does not exist",
+    )
 
 
 def test_eval_of_a_directory_that_is_not_a_run(tree, tmp_path, capsys):
-    _expect_error(capsys, ["eval", "--checkpoint", str(tmp_path), "--data", str(tree), "--workers", "0"],
-                  "best.safetensors")
+    _expect_error(
+        capsys, ["eval", "--checkpoint", str(tmp_path), "--data", str(tree), "--workers", "0"], "best.safetensors"
+    )
 
 
 def test_eval_with_a_class_the_model_does_not_know(run, tmp_path, capsys):
@@ -437,8 +519,9 @@ def test_eval_with_a_class_the_model_does_not_know(run, tmp_path, capsys):
     make_tree(tmp_path / "data", train_per_class=0, val_per_class=1)
     (tmp_path / "data" / "val" / "kiwi").mkdir()
     _swatch((9, 9, 9), random.Random(0)).save(tmp_path / "data" / "val" / "kiwi" / "0.png")
-    _expect_error(capsys, ["eval", "--checkpoint", str(out), "--data", str(tmp_path / "data"), "--workers", "0"],
-                  "kiwi")
+    _expect_error(
+        capsys, ["eval", "--checkpoint", str(out), "--data", str(tmp_path / "data"), "--workers", "0"], "kiwi"
+    )
 
 
 def test_predict_with_a_missing_image_still_predicts_the_rest(run, tree, tmp_path, capsys):
@@ -470,8 +553,13 @@ def test_errors_through_the_real_command(tmp_path):
     """The installed entry point: exit code 2, one error line, no traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     missing = tmp_path / "nope"
-    proc = subprocess.run([sys.executable, "-m", "swinx", "train", "--data", str(missing), *TINY1,
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "swinx", "train", "--data", str(missing), *TINY1, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("swinx train: error:") and str(missing) in proc.stderr
@@ -495,8 +583,12 @@ def corrupt_tree(tmp_path) -> tuple[Path, list[Path]]:
     root = make_tree(tmp_path / "data", train_per_class=8, val_per_class=3)
     for name in ("apple", "mango"):
         sorted((root / "train" / name).iterdir())[0].unlink()
-    bad = [root / "train" / "apple" / "garbage.jpg", _truncated_png(root / "train" / "mango" / "truncated.png"),
-           root / "val" / "apple" / "garbage.jpg", _truncated_png(root / "val" / "zebra" / "truncated.png")]
+    bad = [
+        root / "train" / "apple" / "garbage.jpg",
+        _truncated_png(root / "train" / "mango" / "truncated.png"),
+        root / "val" / "apple" / "garbage.jpg",
+        _truncated_png(root / "val" / "zebra" / "truncated.png"),
+    ]
     bad[0].write_bytes(os.urandom(300))
     bad[2].write_bytes(b"this is not a jpeg at all" * 10)
     return root, bad
@@ -511,9 +603,9 @@ def test_unreadable_images_are_skipped_and_counted(corrupt_tree, tmp_path, capsy
     rows = read_metrics(out)
     assert len(rows) == 2
     for row in rows:
-        assert row["skipped_images"] == 4          # 2 in train/ and 2 in val/, every epoch
+        assert row["skipped_images"] == 4  # 2 in train/ and 2 in val/, every epoch
     warnings_ = [line for line in err.splitlines() if line.startswith("warning")]
-    assert len(warnings_) == 4, err                # per epoch, one for training and one for validation
+    assert len(warnings_) == 4, err  # per epoch, one for training and one for validation
     assert sum(str(bad[0]) in line or str(bad[1]) in line for line in warnings_) == 2, warnings_
     assert sum(str(bad[2]) in line or str(bad[3]) in line for line in warnings_) == 2, warnings_
     assert "Traceback" not in err
@@ -521,8 +613,11 @@ def test_unreadable_images_are_skipped_and_counted(corrupt_tree, tmp_path, capsy
 
 def test_max_bad_images_stops_the_run(corrupt_tree, tmp_path, capsys):
     root, bad = corrupt_tree
-    err = _expect_error(capsys, ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "run"),
-                                 "--max-bad-images", "0"], "unreadable")
+    err = _expect_error(
+        capsys,
+        ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "run"), "--max-bad-images", "0"],
+        "unreadable",
+    )
     assert str(bad[0]) in err or str(bad[1]) in err
 
 
@@ -546,16 +641,23 @@ def test_unreadable_val_image_is_named(bad_val_tree, tmp_path, capsys):
 def test_max_bad_images_counts_the_whole_epoch(corrupt_tree, tmp_path, capsys):
     """2 bad training + 2 bad validation images: --max-bad-images 3 stops at validation, 4 does not."""
     root, _ = corrupt_tree
-    _expect_error(capsys, ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "a"),
-                           "--max-bad-images", "3"], "4 unreadable")
+    _expect_error(
+        capsys,
+        ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "a"), "--max-bad-images", "3"],
+        "4 unreadable",
+    )
     assert main(["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "b"), "--max-bad-images", "4"]) == 0
 
 
 def test_max_bad_images_counts_val_images_too(bad_val_tree, tmp_path, capsys):
     """The epoch's skipped_images says 1; --max-bad-images 0 ("stop when an epoch has more") must stop."""
     root, bad = bad_val_tree
-    _expect_error(capsys, ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "run"),
-                           "--max-bad-images", "0"], "unreadable", str(bad))
+    _expect_error(
+        capsys,
+        ["train", "--data", str(root), *TINY1, "--out", str(tmp_path / "run"), "--max-bad-images", "0"],
+        "unreadable",
+        str(bad),
+    )
 
 
 def test_eval_skips_unreadable_images(run, corrupt_tree, capsys):
@@ -582,8 +684,23 @@ def test_eval_text_report(run, tree, capsys):
 def test_eval_json_report_and_confusion_png(run, tree, tmp_path, capsys):
     out, _, _ = run
     confusion = tmp_path / "cm.png"
-    assert main(["eval", "--checkpoint", str(out), "--data", str(tree), "--json", "--workers", "0",
-                 "--confusion", str(confusion)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out),
+                "--data",
+                str(tree),
+                "--json",
+                "--workers",
+                "0",
+                "--confusion",
+                str(confusion),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == len(val_images(tree)) == 9 and report["skipped_images"] == 0
     assert 0 <= report["acc1"] <= report["acc5"] <= 100 and report["loss"] > 0
@@ -610,8 +727,23 @@ def test_eval_default_confusion_png_beside_the_checkpoint(run, tree, capsys):
 def test_eval_of_last_matches_the_runs_final_validation(run, tree, capsys):
     out, _, _ = run
     final = read_metrics(out)[-1]
-    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(tree), "--json",
-                 "--workers", "0", "--batch-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "last.safetensors"),
+                "--data",
+                str(tree),
+                "--json",
+                "--workers",
+                "0",
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert abs(report["acc1"] - final["val_acc1"]) < 1e-6
     assert abs(report["acc5"] - final["val_acc5"]) < 1e-6
@@ -637,7 +769,7 @@ def test_predict_json(run, tree, capsys):
     assert isinstance(results, list) and [r["image"] for r in results] == images
     for r in results:
         top = r["top"]
-        assert len(top) == 3                                   # default top-5, capped at 3 classes
+        assert len(top) == 3  # default top-5, capped at 3 classes
         assert {t["class"] for t in top} == set(CLASSES)
         for t in top:
             assert set(t) == {"class", "index", "probability"}
@@ -646,8 +778,7 @@ def test_predict_json(run, tree, capsys):
         assert probs == sorted(probs, reverse=True)
         assert sum(probs) <= 1 + 1e-6 and sum(probs) == pytest.approx(1.0, abs=1e-5)
 
-    assert main(["predict", "--checkpoint", str(out / "last.safetensors"), *images[:3], "--json",
-                 "--topk", "2"]) == 0
+    assert main(["predict", "--checkpoint", str(out / "last.safetensors"), *images[:3], "--json", "--topk", "2"]) == 0
     for r in json.loads(capsys.readouterr().out):
         assert len(r["top"]) == 2 and sum(t["probability"] for t in r["top"]) < 1
 
@@ -696,7 +827,7 @@ def test_mnist5k_split():
     original = Counter(bytes(row.astype("uint8")) for row in x)
     train_set = Counter(bytes(img.flatten().numpy()) for img in train.images)
     held_set = Counter(bytes(img.flatten().numpy()) for img in held.images)
-    assert train_set + held_set == original                      # a partition of the 5,000 digits
+    assert train_set + held_set == original  # a partition of the 5,000 digits
     assert all(original[k] > 1 for k in set(train_set) & set(held_set))  # disjoint (up to duplicate digits)
     image, label = held[0]
     assert image.shape == (1, 28, 28) and isinstance(label, int)
@@ -734,10 +865,10 @@ def test_warmup_cosine():
     assert lr[0] == pytest.approx(warm)
     assert lr[warmup] == pytest.approx(base)
     assert lr[total] == pytest.approx(low)
-    assert all(a < b for a, b in zip(lr[:warmup], lr[1:warmup + 1]))           # rising warm-up
-    assert all(a >= b for a, b in zip(lr[warmup:], lr[warmup + 1:]))           # then never rising
-    assert lr[(warmup + total) // 2] == pytest.approx((base + low) / 2)        # cosine midpoint
-    assert f(total + 50) * base == pytest.approx(low)                          # stays at the floor
+    assert all(a < b for a, b in zip(lr[:warmup], lr[1 : warmup + 1]))  # rising warm-up
+    assert all(a >= b for a, b in zip(lr[warmup:], lr[warmup + 1 :]))  # then never rising
+    assert lr[(warmup + total) // 2] == pytest.approx((base + low) / 2)  # cosine midpoint
+    assert f(total + 50) * base == pytest.approx(low)  # stays at the floor
     no_warmup = T.warmup_cosine(base, low, warm, 0, total)
     assert no_warmup(0) == pytest.approx(1.0)
 
@@ -747,12 +878,13 @@ def _check_groups(model, decay_rate=0.05):
     assert [g["weight_decay"] for g in groups] == [decay_rate, 0.0]
     decay, no_decay = ({id(p) for p in g["params"]} for g in groups)
     all_ids = [id(p) for p in model.parameters()]
-    assert len(decay) + len(no_decay) == sum(len(g["params"]) for g in groups)   # no repeats inside a group
-    assert not decay & no_decay and decay | no_decay == set(all_ids)            # each param exactly once
+    assert len(decay) + len(no_decay) == sum(len(g["params"]) for g in groups)  # no repeats inside a group
+    assert not decay & no_decay and decay | no_decay == set(all_ids)  # each param exactly once
     names = dict(model.named_parameters())
     for name, p in names.items():
-        if p.ndim <= 1 or any(k in name for k in ("relative_position_bias_table", "cpb_mlp", "logit_scale",
-                                                  "absolute_pos_embed")):
+        if p.ndim <= 1 or any(
+            k in name for k in ("relative_position_bias_table", "cpb_mlp", "logit_scale", "absolute_pos_embed")
+        ):
             assert id(p) in no_decay, name
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "cpb_mlp" not in module_name:
@@ -761,22 +893,24 @@ def _check_groups(model, decay_rate=0.05):
 
 
 def test_param_groups_v1():
-    model = swinx.create_model("swin_t", embed_dim=16, depths=[1, 1], num_heads=[1, 2], num_classes=3, ape=True,
-                               img_size=32, window_size=4)
+    model = swinx.create_model(
+        "swin_t", embed_dim=16, depths=[1, 1], num_heads=[1, 2], num_classes=3, ape=True, img_size=32, window_size=4
+    )
     names, decay, no_decay = _check_groups(model)
     assert id(names["layers.0.blocks.0.attn.relative_position_bias_table"]) in no_decay
     assert id(names["absolute_pos_embed"]) in no_decay
-    assert id(names["patch_embed.proj.weight"]) in decay                        # the conv kernel decays
+    assert id(names["patch_embed.proj.weight"]) in decay  # the conv kernel decays
 
 
 def test_param_groups_v2():
-    model = swinx.create_model("swinv2_t", embed_dim=16, depths=[1, 1], num_heads=[1, 2], num_classes=3,
-                               img_size=32, window_size=4)
+    model = swinx.create_model(
+        "swinv2_t", embed_dim=16, depths=[1, 1], num_heads=[1, 2], num_classes=3, img_size=32, window_size=4
+    )
     names, decay, no_decay = _check_groups(model)
     cpb = [n for n in names if "cpb_mlp" in n and n.endswith("weight") and names[n].ndim == 2]
     scales = [n for n in names if "logit_scale" in n]
     assert cpb and scales
-    assert all(id(names[n]) in no_decay for n in cpb + scales)   # logit_scale is (heads, 1, 1): 3-D
+    assert all(id(names[n]) in no_decay for n in cpb + scales)  # logit_scale is (heads, 1, 1): 3-D
 
 
 def _cfg(**kw) -> T.TrainConfig:

@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from helpers import one_thread  # noqa: F401 - a fixture, used through pytestmark
 from test_train_cli import FAST, TINY, make_tree
 
+from helpers import one_thread  # noqa: F401 - a fixture, used through pytestmark
 from swinx.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,13 +60,13 @@ def test_gradient_checkpointing_changes_nothing_but_memory(data, tmp_path):
 def test_bf16_autocast_trains(data, tmp_path):
     rows, weights = run(data, tmp_path / "bf16", *PLAIN, "--amp", "bf16")
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in rows)
-    assert all(w.dtype == torch.float32 for w in weights.values())   # autocast, not a bf16 model
+    assert all(w.dtype == torch.float32 for w in weights.values())  # autocast, not a bf16 model
     full = run(data, tmp_path / "fp32", *PLAIN, "--amp", "off")
-    assert abs(rows[-1]["train_loss"] - full[0][-1]["train_loss"]) < 0.1   # close, not equal: bf16 rounds
+    assert abs(rows[-1]["train_loss"] - full[0][-1]["train_loss"]) < 0.1  # close, not equal: bf16 rounds
 
 
 def test_progress_bar_shows_loss_lr_and_throughput(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("swinx.engine.loop.PROGRESS_SECONDS", 0)    # redraw at every batch of this short run
+    monkeypatch.setattr("swinx.engine.loop.PROGRESS_SECONDS", 0)  # redraw at every batch of this short run
     argv = ["train", "--data", str(data), *TINY, "--epochs", "1", "--out", str(tmp_path / "bar"), "--progress", "on"]
     assert main(argv) == 0
     err = capsys.readouterr().err

@@ -30,32 +30,67 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import swinx
-import swinx.weights.checkpoint
 import swinx.engine.rundir
+import swinx.weights.checkpoint
+from helpers import one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
 from swinx.classification import data as D
-from swinx.weights.checkpoint import read_metadata
-from swinx.cli import main
 from swinx.classification.recipe import resolve_config
 from swinx.classification.train import build_model
-from helpers import one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
+from swinx.cli import main
+from swinx.weights.checkpoint import read_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 MODEL_ARGS = {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}
-TINY = ["--model", "swin_t", "--model-args", json.dumps(MODEL_ARGS), "--img-size", "32", "--window-size", "4",
-        "--batch-size", "4", "--workers", "0", "--progress", "off"]
+TINY = [
+    "--model",
+    "swin_t",
+    "--model-args",
+    json.dumps(MODEL_ARGS),
+    "--img-size",
+    "32",
+    "--window-size",
+    "4",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--progress",
+    "off",
+]
 # Default augmentation, MixUp/CutMix and drop path stay on; EMA on; a short warm-up so the later
 # epochs run on the cosine part of the schedule; a learning rate that actually moves the weights.
 RANDOM = ["--ema-decay", "0.9", "--warmup-epochs", "2", "--lr", "0.2"]
 # Everything random off, for comparing 2-process DDP with one process.
-NO_AUGMENT = ["--auto-augment", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--drop-path", "0",
-              "--crop-scale", "1", "--hflip", "0"]
+NO_AUGMENT = [
+    "--auto-augment",
+    "none",
+    "--mixup",
+    "0",
+    "--cutmix",
+    "0",
+    "--reprob",
+    "0",
+    "--drop-path",
+    "0",
+    "--crop-scale",
+    "1",
+    "--hflip",
+    "0",
+]
 TIMING = {"epoch_seconds", "images_per_second"}
 CHECKPOINTS = ("last.safetensors", "best.safetensors")
-FINAL_NAMES = {"config.yaml", "metrics.jsonl", "last.state.pt", "last.safetensors", "best.safetensors",
-               "curves.png", "tensorboard"}
+FINAL_NAMES = {
+    "config.yaml",
+    "metrics.jsonl",
+    "last.state.pt",
+    "last.safetensors",
+    "best.safetensors",
+    "curves.png",
+    "tensorboard",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +115,13 @@ def make_tree(root: Path, train_per_class: int, val_per_class: int) -> Path:
 def child_env() -> dict:
     src = str(Path(swinx.__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                PYTHONPATH=src + (os.pathsep + path if path else ""))
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=src + (os.pathsep + path if path else ""),
+    )
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
@@ -180,8 +220,9 @@ def test_resume_replays_the_uninterrupted_run(small_data, reference4, tmp_path):
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
-def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, tmp_path, monkeypatch, capsys,
-                                                        interrupt):
+def test_interrupt_inside_the_weights_write_then_resume(
+    small_data, reference4, tmp_path, monkeypatch, capsys, interrupt
+):
     """Ctrl-C (or sys.exit) lands in epoch 3's save after the state file, halfway through writing the weights."""
     real_save_file = swinx.weights.checkpoint.save_file
     calls = []
@@ -196,7 +237,7 @@ def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, 
 
     monkeypatch.setattr(swinx.weights.checkpoint, "save_file", save_file_then_interrupt)
     run = tmp_path / "run"
-    if interrupt is KeyboardInterrupt:   # the CLI turns Ctrl-C into exit code 130 and says how to resume
+    if interrupt is KeyboardInterrupt:  # the CLI turns Ctrl-C into exit code 130 and says how to resume
         assert main(train_cmd(small_data, run, *RANDOM, "--epochs", "4")) == 130
         assert f"swinx train --resume {run}" in capsys.readouterr().err
     else:
@@ -214,8 +255,9 @@ def test_interrupt_inside_the_weights_write_then_resume(small_data, reference4, 
 
 
 @pytest.mark.parametrize("failing", ["state", "weights"])
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_data, reference4, tmp_path, monkeypatch, capsys,
-                                                               failing):
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(
+    small_data, reference4, tmp_path, monkeypatch, capsys, failing
+):
     """ENOSPC from inside atomic_write's temp-file write of epoch 2: exit 2, epoch 1 intact, no temp files."""
     run = tmp_path / "run"
     failures = []
@@ -300,8 +342,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         for name in temp_files(run):  # a kill cannot clean up, but only ever leaves hidden temp files
             assert name.startswith(tuple(f".{final}." for final in FINAL_NAMES)), name
 
-        resumed = subprocess.run(cmd + ["train", "--resume", str(run), "--epochs", "6"], env=env,
-                                 capture_output=True, text=True, timeout=180)
+        resumed = subprocess.run(
+            cmd + ["train", "--resume", str(run), "--epochs", "6"], env=env, capture_output=True, text=True, timeout=180
+        )
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert f"resuming {run} after epoch {state['epoch']}" in resumed.stdout
         out, _ = reference.communicate(timeout=180)
@@ -320,8 +363,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 def test_train_transform_without_augmentation_is_deterministic():
     """The precondition of the DDP comparison: with NO_AUGMENT the train transform draws nothing that matters."""
-    transform = D.train_transform(32, D.IMAGENET_MEAN, D.IMAGENET_STD, crop_scale=1.0, hflip=0.0,
-                                  auto_augment="none", reprob=0.0)
+    transform = D.train_transform(
+        32, D.IMAGENET_MEAN, D.IMAGENET_STD, crop_scale=1.0, hflip=0.0, auto_augment="none", reprob=0.0
+    )
     for size in ((20, 30), (30, 20), (32, 32), (45, 30)):
         image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
         outputs = []
@@ -337,8 +381,20 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_da
     ddp_dir, single_dir = tmp_path / "ddp_cwd", tmp_path / "single_cwd"
     ddp_dir.mkdir()
     single_dir.mkdir()
-    ddp_cmd = [TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "swinx", *train_cmd(small_data, Path("run"), *flags)]
+    ddp_cmd = [
+        TORCHRUN,
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "swinx",
+        *train_cmd(small_data, Path("run"), *flags),
+    ]
     ddp = subprocess.run(ddp_cmd, env=env, cwd=ddp_dir, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     single_cmd = [PYTHON, "-m", "swinx", *train_cmd(small_data, Path("run"), *flags)]
@@ -392,15 +448,20 @@ def test_init_from_another_layout(small_data, tmp_path, capsys, layout):
     assert ("small_map set to 'pad'" in out) == (layout == "torchvision")
 
     # What --init loads, checked directly on the model train builds.
-    config = resolve_config(None, {"data": str(small_data), "model_args": MODEL_ARGS, "img_size": 32,
-                                   "window_size": 4})
+    config = resolve_config(None, {"data": str(small_data), "model_args": MODEL_ARGS, "img_size": 32, "window_size": 4})
     model = build_model(config, 3)
     fresh_head = model.head.weight.detach().clone()
     report = swinx.load_checkpoint(model, checkpoint)
     assert report.layout == layout and len(report.resized) == 2 and report.head.startswith("replaced")
     loaded, original = model.state_dict(), source.state_dict()
-    for key in ("patch_embed.proj.weight", "patch_embed.norm.weight", "layers.0.blocks.0.attn.qkv.weight",
-                "layers.0.blocks.0.mlp.fc2.weight", "layers.0.downsample.reduction.weight", "norm.bias"):
+    for key in (
+        "patch_embed.proj.weight",
+        "patch_embed.norm.weight",
+        "layers.0.blocks.0.attn.qkv.weight",
+        "layers.0.blocks.0.mlp.fc2.weight",
+        "layers.0.downsample.reduction.weight",
+        "norm.bias",
+    ):
         assert torch.equal(loaded[key], original[key]), key
     table = loaded["layers.0.blocks.0.attn.relative_position_bias_table"]
     assert table.shape == (49, 1)

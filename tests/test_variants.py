@@ -8,11 +8,19 @@ import torch
 import swinx
 
 PARAMS = {
-    "swin_t": 28_288_354, "swin_s": 49_606_258, "swin_b": 87_768_224, "swin_l": 196_532_476,
-    "swin_base_patch4_window12_384": 87_903_584, "swin_large_patch4_window12_384": 196_735_516,
-    "swinv2_t": 28_347_154, "swinv2_s": 49_728_418, "swinv2_b": 87_918_816,
-    "swinv2_tiny_window16_256": 28_347_154, "swinv2_base_window16_256": 87_918_816,
-    "swinv2_l": 196_739_932, "swinv2_large_window12to24_192to384": 196_739_932,
+    "swin_t": 28_288_354,
+    "swin_s": 49_606_258,
+    "swin_b": 87_768_224,
+    "swin_l": 196_532_476,
+    "swin_base_patch4_window12_384": 87_903_584,
+    "swin_large_patch4_window12_384": 196_735_516,
+    "swinv2_t": 28_347_154,
+    "swinv2_s": 49_728_418,
+    "swinv2_b": 87_918_816,
+    "swinv2_tiny_window16_256": 28_347_154,
+    "swinv2_base_window16_256": 87_918_816,
+    "swinv2_l": 196_739_932,
+    "swinv2_large_window12to24_192to384": 196_739_932,
 }
 
 
@@ -30,8 +38,14 @@ def test_exact_parameter_count(name):
 def test_every_listed_name_builds():
     names = swinx.list_models()
     assert {"swin_t", "swin_s", "swin_b", "swin_l", "swinv2_t", "swinv2_s", "swinv2_b", "swinv2_l"} <= set(names)
-    for official in ("swin_tiny_patch4_window7_224", "swin_base_patch4_window12_384", "swinv2_tiny_window8_256",
-                     "swinv2_base_window12to24_192to384", "swinv2_small_window16_256", "swin_large_patch4_window7_224_22k"):
+    for official in (
+        "swin_tiny_patch4_window7_224",
+        "swin_base_patch4_window12_384",
+        "swinv2_tiny_window8_256",
+        "swinv2_base_window12to24_192to384",
+        "swinv2_small_window16_256",
+        "swin_large_patch4_window7_224_22k",
+    ):
         assert official in names
     with torch.device("meta"):
         for name in names:
@@ -57,13 +71,16 @@ def test_overrides_and_unknown_names():
         swinx.create_model("swin_t", windowsize=7)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(depths=(2, 2), num_heads=(3, 6, 12)), "differ in length"),
-    (dict(num_heads=(5, 6, 12, 24)), "not divisible"),
-    (dict(version=3), "version must be 1 or 2"),
-    (dict(small_map="crop"), "small_map must be one of"),
-    (dict(pretrained_window_sizes=(12, 12)), "one entry per stage"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(depths=(2, 2), num_heads=(3, 6, 12)), "differ in length"),
+        (dict(num_heads=(5, 6, 12, 24)), "not divisible"),
+        (dict(version=3), "version must be 1 or 2"),
+        (dict(small_map="crop"), "small_map must be one of"),
+        (dict(pretrained_window_sizes=(12, 12)), "one entry per stage"),
+    ],
+)
 def test_invalid_config_is_rejected_with_reason(bad, match):
     with pytest.raises(ValueError, match=match):
         swinx.SwinConfig(**bad)

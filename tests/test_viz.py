@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import swinx
-from swinx.tools import viz
+from helpers import one_thread, randomize  # noqa: F401  (one_thread is a fixture)
 from swinx.cli import main
 from swinx.model.windows import cyclic_shift, region_labels, shift_mask, window_partition
-from helpers import one_thread, randomize  # noqa: F401  (one_thread is a fixture)
+from swinx.tools import viz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,8 +42,12 @@ def v1_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def v2_gray_checkpoint(tmp_path_factory):
     """A V2 model on one channel (the MNIST path: gray images, MNIST normalisation)."""
-    model = randomize(swinx.create_model("swinv2_t", num_classes=3, in_chans=1, embed_dim=16, depths=(2, 2),
-                                         num_heads=(1, 2), window_size=6), seed=2).eval()
+    model = randomize(
+        swinx.create_model(
+            "swinv2_t", num_classes=3, in_chans=1, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=6
+        ),
+        seed=2,
+    ).eval()
     path = tmp_path_factory.mktemp("v2") / "v2.safetensors"
     swinx.save_model(model, path)
     return path
@@ -95,8 +99,7 @@ def test_windows_picture(chelsea, tmp_path, capsys):
     assert out.stat().st_size < 400_000
     # other sizes and the torchvision rule, where a shift turns off along one axis only
     out2 = tmp_path / "pad.png"
-    assert main(["viz", "windows", str(chelsea), "--size", "100", "150", "--small-map", "pad", "--out",
-                 str(out2)]) == 0
+    assert main(["viz", "windows", str(chelsea), "--size", "100", "150", "--small-map", "pad", "--out", str(out2)]) == 0
     check_png(out2)
 
 
@@ -106,8 +109,8 @@ def test_shifted_windows_drawn_where_the_model_puts_them():
     geometry = swinx.model.windows.window_geometry(H, W, M, s)
     Hp, Wp = H + geometry.pad[0], W + geometry.pad[1]
     rows, cols = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
-    coords = torch.stack([rows, cols], -1)[None]                       # (1, Hp, Wp, 2): unrolled positions
-    groups = window_partition(cyclic_shift(coords, geometry.shift), geometry.window)[0]   # (nW, N, 2)
+    coords = torch.stack([rows, cols], -1)[None]  # (1, Hp, Wp, 2): unrolled positions
+    groups = window_partition(cyclic_shift(coords, geometry.shift), geometry.window)[0]  # (nW, N, 2)
     lines = viz._window_lines(geometry, (Hp, Wp), 1)
     row_lines = sorted({int(a[1]) for a, b in lines if a[1] == b[1]})
     col_lines = sorted({int(a[0]) for a, b in lines if a[0] == b[0]})
@@ -137,7 +140,7 @@ def test_drawn_masks_are_the_models(size, stage):
         assert torch.equal(kind.allowed, reference[kind.flat] == 0), kind.name
         assert kind.flat == kind.index[0] * (Wp // g.window[1]) + kind.index[1]
     assert kinds[0].allowed.all()
-    assert len(set(kinds[-1].labels.tolist())) == 4   # the corner mixes four regions
+    assert len(set(kinds[-1].labels.tolist())) == 4  # the corner mixes four regions
     # every window of the map has the mask of its kind
     rows, cols = Hp // g.window[0], Wp // g.window[1]
     by_kind = {(k.index[0] == rows - 1, k.index[1] == cols - 1): k for k in kinds}
@@ -150,7 +153,7 @@ def test_pad_shift_keeps_the_shift_on_one_window_maps(chelsea, tmp_path):
     """OpenMMLab's rule: at 224 swin_t's last map is 7x7, one window, and stays shifted, so its mask can be
     drawn (the clamp rule has nothing to draw there); the one window mixes four regions, as the model's mask."""
     config = swinx.get_config("swin_t", small_map="pad_shift")
-    small = viz.stage_layouts(config, (64, 96))[2]      # a 4x6 map: padded to 7x7, shift kept
+    small = viz.stage_layouts(config, (64, 96))[2]  # a 4x6 map: padded to 7x7, shift kept
     assert small.padded == (7, 7) and small.shifted.window == (7, 7) and small.shifted.shift == (3, 3)
     layout = viz.stage_layouts(config, (224, 224))[3]
     g = layout.shifted
@@ -160,8 +163,9 @@ def test_pad_shift_keeps_the_shift_on_one_window_maps(chelsea, tmp_path):
     assert sorted(set(kinds[0].labels.tolist())) == [4, 5, 7, 8]
     with pytest.raises(ValueError, match="no shifted windows"):
         viz.draw_mask(tmp_path / "clamp.png", "swin_t", size=(224, 224), stage=4)
-    check_png(viz.draw_mask(tmp_path / "mask.png", "swin_t", size=(224, 224), stage=4, small_map="pad_shift"),
-              min_colors=2)
+    check_png(
+        viz.draw_mask(tmp_path / "mask.png", "swin_t", size=(224, 224), stage=4, small_map="pad_shift"), min_colors=2
+    )
     check_png(viz.draw_windows(chelsea, tmp_path / "windows.png", "swin_t", size=(100, 150), small_map="pad_shift"))
 
 
@@ -197,17 +201,18 @@ def test_stitched_attention_is_the_models(chelsea, v1_checkpoint):
     with torch.no_grad():
         model(x)
         handle.remove()
-        _, attn = block.window_attention(block.norm1(seen["x"]), return_attn=True)   # (1, nW, heads, N, N)
+        _, attn = block.window_attention(block.norm1(seen["x"]), return_attn=True)  # (1, nW, heads, N, N)
     rows, cols = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
-    coords = window_partition(cyclic_shift(torch.stack([rows, cols], -1)[None], att.geometry.shift),
-                              att.geometry.window)[0]                                   # (nW, N, 2)
+    coords = window_partition(
+        cyclic_shift(torch.stack([rows, cols], -1)[None], att.geometry.shift), att.geometry.window
+    )[0]  # (nW, N, 2)
     labels = torch.roll(region_labels(Hp, Wp, att.geometry.window, att.geometry.shift), (3, 3), (0, 1))
 
     # an interior query, one in the wrapped corner window (regions mixed, padding inside), one at the edge
     for row, col in ((30, 40), (1, 2), (74, 112)):
         found = ((coords[..., 0] == row) & (coords[..., 1] == col)).nonzero()
         window, token = int(found[0, 0]), int(found[0, 1])
-        stitched = att.query_map(row, col, padded=True)[0]                              # (Hp, Wp)
+        stitched = att.query_map(row, col, padded=True)[0]  # (Hp, Wp)
         for m in range(coords.shape[1]):
             r, c = coords[window, m].tolist()
             assert torch.allclose(stitched[r, c], attn[0, window, 0, token, m], atol=1e-7)
@@ -222,9 +227,9 @@ def test_stitched_attention_is_the_models(chelsea, v1_checkpoint):
         assert cropped.shape == (75, 113)
         on_padding = stitched[75:].sum() + stitched[:75, 113:].sum()
         assert torch.allclose(cropped.sum() + on_padding, torch.tensor(1.0), atol=1e-5)
-        if (row, col) != (74, 112):   # no padding in these queries' regions: the image holds all of it
-            assert on_padding < 1e-30       # masked pairs: exp(-100), not quite 0
-        else:                         # the last real token shares its region with padding rows
+        if (row, col) != (74, 112):  # no padding in these queries' regions: the image holds all of it
+            assert on_padding < 1e-30  # masked pairs: exp(-100), not quite 0
+        else:  # the last real token shares its region with padding rows
             assert on_padding > 1e-4
 
     # received: each window's tokens share one unit of attention
@@ -241,18 +246,76 @@ def test_stitched_attention_is_the_models(chelsea, v1_checkpoint):
 
 def test_attention_pictures(chelsea, v1_checkpoint, v2_gray_checkpoint, tmp_path):
     out = tmp_path / "query.png"
-    assert main(["viz", "attention", "--checkpoint", str(v1_checkpoint), str(chelsea), "--stage", "2",
-                 "--block", "1", "--head", "1", "--query", "20", "30", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "attention",
+                "--checkpoint",
+                str(v1_checkpoint),
+                str(chelsea),
+                "--stage",
+                "2",
+                "--block",
+                "1",
+                "--head",
+                "1",
+                "--query",
+                "20",
+                "30",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     check_png(out)
     out = tmp_path / "heads.png"
-    assert main(["viz", "attention", "--checkpoint", str(v1_checkpoint), str(chelsea), "--stage", "3",
-                 "--block", "1", "--all-heads", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "attention",
+                "--checkpoint",
+                str(v1_checkpoint),
+                str(chelsea),
+                "--stage",
+                "3",
+                "--block",
+                "1",
+                "--all-heads",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     check_png(out)
     gray = tmp_path / "gray.png"
     Image.open(chelsea).convert("L").resize((90, 60)).save(gray)
     out = tmp_path / "v2.png"
-    assert main(["viz", "attention", "--checkpoint", str(v2_gray_checkpoint), str(gray), "--block", "1",
-                 "--all-heads", "--query", "3", "5", "--interpolation", "bilinear", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "attention",
+                "--checkpoint",
+                str(v2_gray_checkpoint),
+                str(gray),
+                "--block",
+                "1",
+                "--all-heads",
+                "--query",
+                "3",
+                "5",
+                "--interpolation",
+                "bilinear",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     check_png(out)
 
 
@@ -269,16 +332,16 @@ def test_bias_images_are_the_models_bias(which, v1_checkpoint, v2_gray_checkpoin
     images = viz.bias_images(attn)
     assert images.shape == (attn.num_heads, 2 * M - 1, 2 * M - 1)
     with torch.no_grad():
-        bias = attn.position_bias((M, M))                                              # (heads, N, N)
+        bias = attn.position_bias((M, M))  # (heads, N, N)
     ys, xs = torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     dy = ys[:, None] - ys[None, :] + M - 1
     dx = xs[:, None] - xs[None, :] + M - 1
     assert torch.allclose(images[:, dy, dx], bias, atol=1e-6)
-    centre = (M - 1) * (2 * M - 1) + (M - 1)          # the table row of offset (0, 0)
+    centre = (M - 1) * (2 * M - 1) + (M - 1)  # the table row of offset (0, 0)
     if which == "v1":
         assert torch.equal(images[:, M - 1, M - 1], attn.relative_position_bias_table[centre].detach())
-    assert images.std() > 0.1                          # randomised: a picture with something in it
+    assert images.std() > 0.1  # randomised: a picture with something in it
     out = tmp_path / "bias.png"
     assert main(["viz", "bias", "--checkpoint", str(path), "--stage", "2", "--block", "1", "--out", str(out)]) == 0
     check_png(out)
@@ -295,7 +358,7 @@ def test_model_summary_of_swin_t(tmp_path, capsys):
         assert line.split()[1] == hw
     assert "28,288,354 parameters" in text and "4.49 GMACs" in text
     assert next(l for l in text.splitlines() if l.startswith("stage3 ")).count("SW") == 3
-    assert "W W " in next(l for l in text.splitlines() if l.startswith("stage4 "))   # 7x7 fits one window
+    assert "W W " in next(l for l in text.splitlines() if l.startswith("stage4 "))  # 7x7 fits one window
     counts = viz._parameter_counts(swinx.get_config("swin_t"))
     assert sum(v for k, v in counts.items() if k != "total") == counts["total"] == 28_288_354
     out = tmp_path / "model.png"
@@ -318,13 +381,19 @@ def test_bad_input_is_a_clear_error(chelsea, v1_checkpoint, tmp_path, capsys):
         assert err.startswith("swinx viz: error: ") and message in err, err
 
     ck = ["--checkpoint", str(v1_checkpoint)]
-    fails(["attention", *ck, str(chelsea), "--stage", "2", "--block", "5"],
-          "block 5 does not exist: stage 2 of this model has blocks 0-1")
+    fails(
+        ["attention", *ck, str(chelsea), "--stage", "2", "--block", "5"],
+        "block 5 does not exist: stage 2 of this model has blocks 0-1",
+    )
     fails(["attention", *ck, str(chelsea), "--stage", "5"], "stage 5 does not exist: this model has stages 1-4")
-    fails(["attention", *ck, str(chelsea), "--stage", "1", "--head", "1"],
-          "head 1 does not exist: stage 1 of this model has only head 0")
-    fails(["attention", *ck, str(chelsea), "--query", "75", "0"],
-          "query (75, 0) is outside stage 1's 75x113 token map: rows 0-74, columns 0-112")
+    fails(
+        ["attention", *ck, str(chelsea), "--stage", "1", "--head", "1"],
+        "head 1 does not exist: stage 1 of this model has only head 0",
+    )
+    fails(
+        ["attention", *ck, str(chelsea), "--query", "75", "0"],
+        "query (75, 0) is outside stage 1's 75x113 token map: rows 0-74, columns 0-112",
+    )
     text = tmp_path / "foo.txt"
     text.write_text("not an image")
     fails(["attention", *ck, str(text)], f"cannot read image {text}: ")

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from swinx.model.position import log_spaced_coords, relative_position_index, resize_bias_table, table_window
-from swinx.model.windows import (MASK_FILL, cyclic_shift, pad_map, region_labels, shift_mask, window_geometry,
-                           window_partition, window_reverse)
+from swinx.model.windows import (
+    MASK_FILL,
+    cyclic_shift,
+    pad_map,
+    region_labels,
+    shift_mask,
+    window_geometry,
+    window_partition,
+    window_reverse,
+)
 
 
 @pytest.mark.parametrize("window", [(7, 7), (4, 6)])
@@ -15,8 +23,8 @@ def test_partition_then_reverse_is_identity(window):
     x = torch.randn(2, 28, 42, 5)
     windows = window_partition(x, window)
     assert windows.shape == (2, (28 // window[0]) * (42 // window[1]), window[0] * window[1], 5)
-    assert torch.equal(windows[0, 0].reshape(*window, 5), x[0, :window[0], :window[1]])  # first window, row-major
-    assert torch.equal(windows[0, 1].reshape(*window, 5), x[0, :window[0], window[1]:2 * window[1]])
+    assert torch.equal(windows[0, 0].reshape(*window, 5), x[0, : window[0], : window[1]])  # first window, row-major
+    assert torch.equal(windows[0, 1].reshape(*window, 5), x[0, : window[0], window[1] : 2 * window[1]])
     assert torch.equal(window_reverse(windows, window, 28, 42), x)
 
 
@@ -73,7 +81,7 @@ def mmdet_style_mask(height: int, width: int, window: int, shift: int) -> torch.
         for w in slices:
             img[h, w] = count
             count += 1
-    windows = img.view(height // window, window, width // window, window).permute(0, 2, 1, 3).reshape(-1, window ** 2)
+    windows = img.view(height // window, window, width // window, window).permute(0, 2, 1, 3).reshape(-1, window**2)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.where(diff != 0, MASK_FILL, 0.0)
 

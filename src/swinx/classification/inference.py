@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from swinx.classification import data as D
+from swinx.model.swin import SwinTransformer
 from swinx.weights.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata, read_state_dict
 from swinx.weights.layouts import detect_layout, infer_config
-from swinx.model.swin import SwinTransformer
 
 
 @dataclass
@@ -34,8 +34,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         for name in ("best.safetensors", "last.safetensors"):
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(f"{path} is a directory without best.safetensors or last.safetensors; "
-                              "give a checkpoint file or a swinx run directory")
+        raise CheckpointError(
+            f"{path} is a directory without best.safetensors or last.safetensors; "
+            "give a checkpoint file or a swinx run directory"
+        )
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path
@@ -64,10 +66,14 @@ def default_input_spec(config) -> dict:
     """The preprocessing of a checkpoint that does not record its own: ImageNet statistics
     for RGB models (MNIST's for others), resize to size / 0.875, centre crop, bicubic."""
     rgb = config.in_chans == 3
-    return {"img_size": config.img_hw[0], "channels": config.in_chans,
-            "mean": list(D.IMAGENET_MEAN if rgb else D.MNIST_MEAN * config.in_chans),
-            "std": list(D.IMAGENET_STD if rgb else D.MNIST_STD * config.in_chans),
-            "crop_pct": 0.875, "interpolation": "bicubic"}
+    return {
+        "img_size": config.img_hw[0],
+        "channels": config.in_chans,
+        "mean": list(D.IMAGENET_MEAN if rgb else D.MNIST_MEAN * config.in_chans),
+        "std": list(D.IMAGENET_STD if rgb else D.MNIST_STD * config.in_chans),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+    }
 
 
 def transform_for(loaded: Loaded):
@@ -76,20 +82,23 @@ def transform_for(loaded: Loaded):
 
 def transform_for_spec(s: dict):
     """The validation preprocessing that an input spec (a checkpoint's metadata) describes."""
-    return D.eval_transform(s["img_size"], s["mean"], s["std"], crop_pct=s["crop_pct"],
-                            interpolation=s["interpolation"])
+    return D.eval_transform(
+        s["img_size"], s["mean"], s["std"], crop_pct=s["crop_pct"], interpolation=s["interpolation"]
+    )
 
 
 @torch.inference_mode()
 def predict(loaded: Loaded, images: list[str | os.PathLike], topk: int = 5, batch_size: int = 32) -> list[dict]:
     """Top-k classes for each image file; an unreadable file gets an `error` entry instead."""
     device = next(loaded.model.parameters()).device
-    return _predict(lambda batch: loaded.model(batch.to(device)), loaded.input, loaded.class_names, images, topk,
-                    batch_size)
+    return _predict(
+        lambda batch: loaded.model(batch.to(device)), loaded.input, loaded.class_names, images, topk, batch_size
+    )
 
 
-def predict_onnx(path: str | os.PathLike, images: list[str | os.PathLike], topk: int = 5,
-                 batch_size: int = 32) -> list[dict]:
+def predict_onnx(
+    path: str | os.PathLike, images: list[str | os.PathLike], topk: int = 5, batch_size: int = 32
+) -> list[dict]:
     """`predict` with an ONNX file from `swinx export`: onnxruntime runs the network, and the
     preprocessing and class names come from the file's metadata."""
     from swinx.tools.export import ExportError, onnx_session, read_onnx_metadata
@@ -159,8 +168,10 @@ def eval_dataset(loaded: Loaded, data: str | os.PathLike | None):
     known = {name: i for i, name in enumerate(loaded.class_names)}
     unknown = [c for c in classes if c not in known]
     if unknown:
-        raise D.DataError(f"{root} has class folders {unknown} that the model does not know; "
-                          f"its classes are {loaded.class_names[:20]}{' ...' if len(known) > 20 else ''}")
+        raise D.DataError(
+            f"{root} has class folders {unknown} that the model does not know; "
+            f"its classes are {loaded.class_names[:20]}{' ...' if len(known) > 20 else ''}"
+        )
     dataset = D.ImageFolder(root, loaded.class_names, loaded.input["channels"], transform_for(loaded))
     return dataset, str(root)
 
@@ -186,16 +197,30 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *, batch_size: int = 64,
-                        workers: int = 2, device: str = "cpu", confusion_png: str | os.PathLike | None = None) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "cpu",
+    confusion_png: str | os.PathLike | None = None,
+) -> dict:
     """Top-1, top-5, loss and per-class accuracy of a checkpoint on an ImageFolder split (or the
     data it was trained on), with a confusion-matrix PNG (beside the checkpoint by default, for
     up to 50 classes)."""
@@ -209,9 +234,16 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     if result["count"] == 0:
         raise D.DataError(f"no readable images in {where}")
     per_class = {name: acc for name, acc in zip(loaded.class_names, result["per_class"]) if not math.isnan(acc)}
-    report = {"checkpoint": str(loaded.path), "data": where, "images": result["count"],
-              "skipped_images": result["skipped"], "loss": result["loss"], "acc1": result["acc1"],
-              "acc5": result["acc5"], "per_class_acc1": per_class}
+    report = {
+        "checkpoint": str(loaded.path),
+        "data": where,
+        "images": result["count"],
+        "skipped_images": result["skipped"],
+        "loss": result["loss"],
+        "acc1": result["acc1"],
+        "acc5": result["acc5"],
+        "per_class_acc1": per_class,
+    }
     out = Path(confusion_png) if confusion_png else None
     if out is None and len(loaded.class_names) <= 50:
         out = loaded.path.parent / f"confusion-{loaded.path.stem}.png"

@@ -21,18 +21,18 @@ class TrainConfig:
     given for a global batch of 512 and scaled linearly to the real one."""
 
     # data and model
-    data: str | None = None              # ImageFolder root (train/, val/); None: built-in MNIST 5k
+    data: str | None = None  # ImageFolder root (train/, val/); None: built-in MNIST 5k
     model: str = "swin_t"
-    model_args: dict = field(default_factory=dict)   # SwinConfig overrides (embed_dim, depths, ...)
+    model_args: dict = field(default_factory=dict)  # SwinConfig overrides (embed_dim, depths, ...)
     img_size: int = 224
     in_chans: int = 3
-    window_size: int | None = None       # None: the variant's
-    init: str | None = None              # fine-tune from a checkpoint of any layout
+    window_size: int | None = None  # None: the variant's
+    init: str | None = None  # fine-tune from a checkpoint of any layout
     # optimisation
     epochs: int = 300
-    batch_size: int = 128                # per process, per micro-batch
+    batch_size: int = 128  # per process, per micro-batch
     accum_steps: int = 1
-    lr: float = 5e-4                     # for a global batch of 512
+    lr: float = 5e-4  # for a global batch of 512
     min_lr: float = 5e-6
     warmup_lr: float = 5e-7
     warmup_epochs: float = 20
@@ -40,8 +40,8 @@ class TrainConfig:
     clip_grad: float | None = 5.0
     label_smoothing: float = 0.1
     drop_path: float = 0.2
-    ema_decay: float = 0.0               # 0: no EMA
-    amp: str = "auto"                    # auto (bf16 where supported) | bf16 | fp16 | off
+    ema_decay: float = 0.0  # 0: no EMA
+    amp: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | off
     grad_checkpointing: bool = False
     # augmentation
     mixup: float = 0.8
@@ -60,10 +60,10 @@ class TrainConfig:
     seed: int = 0
     workers: int = 4
     device: str = "auto"
-    out: str | None = None               # default runs/<name>-<time>
+    out: str | None = None  # default runs/<name>-<time>
     name: str | None = None
-    progress: str = "auto"               # auto (on a terminal) | on | off
-    max_bad_images: int | None = None    # stop when more images than this are unreadable in one epoch
+    progress: str = "auto"  # auto (on a terminal) | on | off
+    max_bad_images: int | None = None  # stop when more images than this are unreadable in one epoch
 
     def __post_init__(self):
         self.mean, self.std = tuple(self.mean), tuple(self.std)
@@ -72,8 +72,10 @@ class TrainConfig:
             self.mean, self.std = (sum(self.mean) / 3,), (sum(self.std) / 3,)
         problems = []
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            problems.append(f"mean {list(self.mean)} and std {list(self.std)} need one value per input channel "
-                            f"(in_chans {self.in_chans})")
+            problems.append(
+                f"mean {list(self.mean)} and std {list(self.std)} need one value per input channel "
+                f"(in_chans {self.in_chans})"
+            )
         for name in ("img_size", "in_chans"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -104,11 +106,28 @@ class TrainConfig:
 MNIST_PRESET = dict(
     model="swin_t",
     model_args=dict(patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[1, 2, 4]),
-    img_size=28, in_chans=1, window_size=7,
-    epochs=40, batch_size=64, lr=2e-3 * 512 / 64, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=2,
-    drop_path=0.1, label_smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="none",
-    crop_scale=0.7, hflip=0.0, reprob=0.0, crop_pct=1.0, ema_decay=0.0,
-    mean=D.MNIST_MEAN, std=D.MNIST_STD, workers=0,
+    img_size=28,
+    in_chans=1,
+    window_size=7,
+    epochs=40,
+    batch_size=64,
+    lr=2e-3 * 512 / 64,
+    min_lr=1e-5,
+    warmup_lr=1e-6,
+    warmup_epochs=2,
+    drop_path=0.1,
+    label_smoothing=0.1,
+    mixup=0.0,
+    cutmix=0.0,
+    auto_augment="none",
+    crop_scale=0.7,
+    hflip=0.0,
+    reprob=0.0,
+    crop_pct=1.0,
+    ema_decay=0.0,
+    mean=D.MNIST_MEAN,
+    std=D.MNIST_STD,
+    workers=0,
 )
 """The built-in default: a 0.57M-parameter Swin trained from scratch on 4,000 MNIST digits."""
 
@@ -134,7 +153,6 @@ def resolve_config(yaml_path: str | None = None, overrides: dict | None = None) 
     return TrainConfig.from_dict(base)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Pieces of the recipe
 
@@ -156,5 +174,3 @@ def mix_transform(cfg: TrainConfig, num_classes: int):
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
-
-

@@ -18,12 +18,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from swinx.classification import data as D
-from swinx.classification.recipe import TrainConfig, TrainError, mix_transform, param_groups, soft_cross_entropy, warmup_cosine
+from swinx.classification.recipe import (
+    TrainConfig,
+    TrainError,
+    mix_transform,
+    param_groups,
+    soft_cross_entropy,
+    warmup_cosine,
+)
 from swinx.engine.loop import Best, Dist, Engine, data_loader, run
 from swinx.model.swin import SwinTransformer
 from swinx.model.variants import create_model
 from swinx.weights.checkpoint import CheckpointError, load_checkpoint, save_model
-
 
 # ---------------------------------------------------------------------------------------------
 # Data and model
@@ -37,9 +43,17 @@ class Data:
 
 
 def build_data(cfg: TrainConfig) -> Data:
-    train_tf = D.train_transform(cfg.img_size, cfg.mean, cfg.std, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
-                                 auto_augment=cfg.auto_augment, randaug_magnitude=cfg.randaug_magnitude,
-                                 reprob=cfg.reprob, interpolation=cfg.interpolation)
+    train_tf = D.train_transform(
+        cfg.img_size,
+        cfg.mean,
+        cfg.std,
+        crop_scale=cfg.crop_scale,
+        hflip=cfg.hflip,
+        auto_augment=cfg.auto_augment,
+        randaug_magnitude=cfg.randaug_magnitude,
+        reprob=cfg.reprob,
+        interpolation=cfg.interpolation,
+    )
     val_tf = D.eval_transform(cfg.img_size, cfg.mean, cfg.std, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     if cfg.data is None:
         train, val, classes = D.mnist5k()
@@ -53,8 +67,9 @@ def build_data(cfg: TrainConfig) -> Data:
 
 def build_model(cfg: TrainConfig, num_classes: int) -> SwinTransformer:
     overrides = dict(cfg.model_args)
-    overrides.update(num_classes=num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
-                     drop_path_rate=cfg.drop_path)
+    overrides.update(
+        num_classes=num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path
+    )
     if cfg.window_size is not None:
         overrides["window_size"] = cfg.window_size
     try:
@@ -68,8 +83,14 @@ def build_model(cfg: TrainConfig, num_classes: int) -> SwinTransformer:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-             dtype: torch.dtype | None = None, ddp: Dist | None = None) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    ddp: Dist | None = None,
+) -> dict:
     """Loss, top-1/top-5 (percent), per-class counts and the confusion matrix, summed over ranks."""
     ddp = ddp or Dist()
     was_training = model.training
@@ -90,7 +111,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         predicted = logits.argmax(1)
-        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).view_as(confusion)
+        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view_as(confusion)
         top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
     for t in (loss_sum, confusion, top5, skipped):
         ddp.all_sum(t)
@@ -105,8 +126,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
         "count": count,
         "skipped": int(skipped),
         "first_unreadable": first_bad,
-        "per_class": [100.0 * float(c) / float(n) if n else float("nan")
-                      for c, n in zip(correct_per_class, count_per_class)],
+        "per_class": [
+            100.0 * float(c) / float(n) if n else float("nan") for c, n in zip(correct_per_class, count_per_class)
+        ],
         "confusion": confusion.cpu(),
     }
 
@@ -132,10 +154,17 @@ class ClassificationTask:
         self.model = build_model(cfg, self.num_classes)
         # Every run uses a DistributedSampler, even with one process, so that one process at batch B
         # sees the same global batches as N processes at B/N.
-        sampler = DistributedSampler(self.data.train, num_replicas=ddp.world, rank=ddp.rank, shuffle=True,
-                                     seed=cfg.seed)
-        self.train_loader = data_loader(self.data.train, cfg.batch_size, sampler, cfg.workers, D.SkippingCollate(),
-                                        drop_last=len(sampler) >= 2 * cfg.batch_size)
+        sampler = DistributedSampler(
+            self.data.train, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=cfg.seed
+        )
+        self.train_loader = data_loader(
+            self.data.train,
+            cfg.batch_size,
+            sampler,
+            cfg.workers,
+            D.SkippingCollate(),
+            drop_last=len(sampler) >= 2 * cfg.batch_size,
+        )
         self.val_loader = None
         if self.data.val is not None:
             shard = D.ShardSampler(len(self.data.val), ddp.rank, ddp.world)
@@ -150,7 +179,7 @@ class ClassificationTask:
             raise TrainError(f"--init {init}: {e}") from e
 
     def base_lr(self, global_batch: int) -> float:
-        self.lr_scale = global_batch / 512   # the recipe's learning rates are per 512 images
+        self.lr_scale = global_batch / 512  # the recipe's learning rates are per 512 images
         return self.cfg.lr * self.lr_scale
 
     def param_groups(self) -> list[dict]:
@@ -158,8 +187,13 @@ class ClassificationTask:
 
     def lr_lambda(self, base_lr: float, steps_per_epoch: int):
         cfg, scale = self.cfg, self.lr_scale
-        return warmup_cosine(base_lr, cfg.min_lr * scale, cfg.warmup_lr * scale,
-                             round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+        return warmup_cosine(
+            base_lr,
+            cfg.min_lr * scale,
+            cfg.warmup_lr * scale,
+            round(cfg.warmup_epochs * steps_per_epoch),
+            cfg.epochs * steps_per_epoch,
+        )
 
     def loss(self, net: torch.nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -172,8 +206,13 @@ class ClassificationTask:
         if self.val_loader is None:
             return {"val_loss": None, "val_acc1": None, "val_acc5": None}
         result = evaluate(model, self.val_loader, self.num_classes, device, dtype, ddp)
-        return {"val_loss": result["loss"], "val_acc1": result["acc1"], "val_acc5": result["acc5"],
-                "skipped": result["skipped"], "first_unreadable": result["first_unreadable"]}
+        return {
+            "val_loss": result["loss"],
+            "val_acc1": result["acc1"],
+            "val_acc5": result["acc5"],
+            "skipped": result["skipped"],
+            "first_unreadable": result["first_unreadable"],
+        }
 
     def save_weights(self, model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
         extra = {"train_config": json.dumps(self.cfg.to_dict()), "input": json.dumps(input_spec(self.cfg))}
@@ -183,19 +222,23 @@ class ClassificationTask:
         return {"small_map": self.model.small_map}
 
     def load_extra_state(self, state: dict) -> None:
-        self.model.small_map = state["small_map"]      # --init may have switched it (torchvision weights)
+        self.model.small_map = state["small_map"]  # --init may have switched it (torchvision weights)
 
     def describe(self, engine: Engine) -> str:
         c, cfg = self.model.config, self.cfg
-        return (f"training {cfg.model} (V{c.version}, patch {c.patch_size}, embed {c.embed_dim}, depths {c.depths}, "
-                f"window {c.window_size}: {sum(p.numel() for p in self.model.parameters()):,} parameters) on "
-                f"{len(self.data.train):,} images, {self.num_classes} classes, {engine.ddp.world} process(es) on "
-                f"{engine.device}, global batch {engine.global_batch}, lr {engine.lr:.2e}")
+        return (
+            f"training {cfg.model} (V{c.version}, patch {c.patch_size}, embed {c.embed_dim}, depths {c.depths}, "
+            f"window {c.window_size}: {sum(p.numel() for p in self.model.parameters()):,} parameters) on "
+            f"{len(self.data.train):,} images, {self.num_classes} classes, {engine.ddp.world} process(es) on "
+            f"{engine.device}, global batch {engine.global_batch}, lr {engine.lr:.2e}"
+        )
 
     def epoch_line(self, row: dict) -> str:
-        line = (f"epoch {row['epoch']}/{self.cfg.epochs}  train_loss {row['train_loss']:.4f}  "
-                f"val_loss {_fmt(row['val_loss'], '.4f')}  top-1 {_fmt(row['val_acc1'], '.2f')}%  "
-                f"top-5 {_fmt(row['val_acc5'], '.2f')}%")
+        line = (
+            f"epoch {row['epoch']}/{self.cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+            f"val_loss {_fmt(row['val_loss'], '.4f')}  top-1 {_fmt(row['val_acc1'], '.2f')}%  "
+            f"top-5 {_fmt(row['val_acc5'], '.2f')}%"
+        )
         if row.get("ema_val_acc1") is not None:
             line += f"  EMA top-1 {row['ema_val_acc1']:.2f}%"
         return line + f"  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s ({row['images_per_second']:.0f} img/s)"
@@ -203,8 +246,10 @@ class ClassificationTask:
     def final_line(self, last: dict, best: Best, run_path: Path) -> str:
         if last.get("val_acc1") is None:
             return f"done: no validation split; checkpoints in {run_path}"
-        return (f"done: final val top-1 {last['val_acc1']:.2f}% (best {best.acc1:.2f}% at epoch {best.epoch}, "
-                f"{best.weights} weights); checkpoints in {run_path}")
+        return (
+            f"done: final val top-1 {last['val_acc1']:.2f}% (best {best.acc1:.2f}% at epoch {best.epoch}, "
+            f"{best.weights} weights); checkpoints in {run_path}"
+        )
 
 
 def _fmt(value, spec: str) -> str:
@@ -213,8 +258,9 @@ def _fmt(value, spec: str) -> str:
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, distributed: bool = False) -> dict:
     """Run (or resume) classification training; returns the last epoch's metrics (see engine.loop.run)."""
-    return run(ClassificationTask(cfg), resume, distributed, default_out=lambda: default_out(cfg),
-               resume_command="swinx train")
+    return run(
+        ClassificationTask(cfg), resume, distributed, default_out=lambda: default_out(cfg), resume_command="swinx train"
+    )
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -224,5 +270,11 @@ def default_out(cfg: TrainConfig) -> Path:
 
 def input_spec(cfg: TrainConfig) -> dict:
     """What `swinx predict` and `swinx eval` need to preprocess images the way validation did."""
-    return {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean), "std": list(cfg.std),
-            "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
+    return {
+        "img_size": cfg.img_size,
+        "channels": cfg.in_chans,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "crop_pct": cfg.crop_pct,
+        "interpolation": cfg.interpolation,
+    }

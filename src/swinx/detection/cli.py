@@ -9,13 +9,13 @@ from pathlib import Path
 
 DETECT_HELP = {
     "data": "COCO root: annotations/instances_{train,val}*.json beside {train,val}*/ image folders "
-            "(default: the built-in digit scenes)",
+    "(default: the built-in digit scenes)",
     "detector": "fasterrcnn, maskrcnn, retinanet or fcos (torchvision's)",
     "model": "backbone variant (swin_t, swinv2_t, ...)",
     "model_args": "backbone SwinConfig overrides as JSON, e.g. '{\"embed_dim\": 64}'",
     "small_map": "small-map rule: clamp (official), pad (torchvision), pad_shift (OpenMMLab detectors)",
     "init": "backbone weights from a classification checkpoint (any layout, a swinx train run too), "
-            "or a whole swinx detector",
+    "or a whole swinx detector",
     "train_sizes": "short sides for multi-scale training, one drawn per batch",
     "img_size": "evaluation size, N or HxW (default: each image's own size)",
     "eval_sizes": "more evaluation sizes, run on the best weights after training (written to eval.json)",
@@ -38,8 +38,10 @@ def cmd_train(args) -> int:
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
-            raise ValueError(f"{args.resume} is not a swinx run directory (no config.yaml); give the --out "
-                             "directory of the run to resume")
+            raise ValueError(
+                f"{args.resume} is not a swinx run directory (no config.yaml); give the --out "
+                "directory of the run to resume"
+            )
         config = resolve_config(str(saved), {k: overrides[k] for k in RESUME_KEEPS})
     else:
         if args.config:
@@ -54,8 +56,9 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from swinx.detection.inference import evaluate_checkpoint
 
-    reports = evaluate_checkpoint(args.checkpoint, args.data, sizes=args.img_size, batch_size=args.batch_size,
-                                  device=args.device)
+    reports = evaluate_checkpoint(
+        args.checkpoint, args.data, sizes=args.img_size, batch_size=args.batch_size, device=args.device
+    )
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
         return 0
@@ -64,11 +67,15 @@ def cmd_eval(args) -> int:
         for kind in ("bbox", "segm"):
             if kind in report:
                 r = report[kind]
-                print(f"  {kind:4s} AP {r['AP']:.3f}  AP50 {r['AP50']:.3f}  AP75 {r['AP75']:.3f}  "
-                      f"APs {r['APs']:.3f}  APm {r['APm']:.3f}  APl {r['APl']:.3f}")
+                print(
+                    f"  {kind:4s} AP {r['AP']:.3f}  AP50 {r['AP50']:.3f}  AP75 {r['AP75']:.3f}  "
+                    f"APs {r['APs']:.3f}  APm {r['APm']:.3f}  APl {r['APl']:.3f}"
+                )
         per_class = report["bbox"]["per_class"]
-        print("  per-class box AP: " + "  ".join(f"{k} {'-' if v is None else format(v, '.3f')}"
-                                                  for k, v in per_class.items()))
+        print(
+            "  per-class box AP: "
+            + "  ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in per_class.items())
+        )
         if report["skipped_images"]:
             print(f"  skipped {report['skipped_images']} unreadable image(s)")
     return 0
@@ -88,8 +95,10 @@ def cmd_predict(args) -> int:
             if "error" in r:
                 print(f"{r['image']}: {r['error']}")
                 continue
-            found = ", ".join(f"{d['class']} {d['score']:.2f} at {[round(v) for v in d['box']]}"
-                              for d in r["detections"]) or "nothing"
+            found = (
+                ", ".join(f"{d['class']} {d['score']:.2f} at {[round(v) for v in d['box']]}" for d in r["detections"])
+                or "nothing"
+            )
             print(f"{r['image']}: {found}" + (f"  (drawn: {r['drawing']})" if "drawing" in r else ""))
     return 1 if any("error" in r for r in results) else 0
 
@@ -97,10 +106,10 @@ def cmd_predict(args) -> int:
 def cmd_make_scenes(args) -> int:
     from swinx.detection.scenes import make_scenes
 
-    out = make_scenes(args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes, size=args.size,
-                      seed=args.seed)
-    print(f"wrote the digit scenes, a COCO dataset, to {out} (annotations/instances_{{train,val}}.json, "
-          "train/, val/)")
+    out = make_scenes(
+        args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes, size=args.size, seed=args.seed
+    )
+    print(f"wrote the digit scenes, a COCO dataset, to {out} (annotations/instances_{{train,val}}.json, train/, val/)")
     return 0
 
 

@@ -40,18 +40,21 @@ TRAIN_SIZES = (224, 256, 288, 320)
 
 def _one(paths: list[Path], what: str) -> Path | None:
     if len(paths) > 1:
-        raise DataError(f"found several {what}: {', '.join(str(p) for p in paths)}; "
-                        "keep one, or give the files explicitly")
+        raise DataError(
+            f"found several {what}: {', '.join(str(p) for p in paths)}; keep one, or give the files explicitly"
+        )
     return paths[0] if paths else None
 
 
 def _layout_split(root: Path, split: str) -> tuple[Path, Path] | None:
     """(images_dir, ann_json) for one split of `root`, or None when the split has no annotation file."""
     names = ("val", "valid", "validation") if split == "val" else ("train",)
-    ann = _one(sorted(p for p in (root / "annotations").glob(f"instances_{split}*.json")),
-               f"{split} annotation files in {root / 'annotations'}")
+    ann = _one(
+        sorted(p for p in (root / "annotations").glob(f"instances_{split}*.json")),
+        f"{split} annotation files in {root / 'annotations'}",
+    )
     if ann is not None:
-        stem = ann.name[len("instances_"):-len(".json")]  # e.g. "train2017"
+        stem = ann.name[len("instances_") : -len(".json")]  # e.g. "train2017"
         candidates = [root / stem, root / "images" / stem] + [root / n for n in names]
         candidates += [root / "images" / n for n in names]
         for images in candidates:
@@ -60,8 +63,10 @@ def _layout_split(root: Path, split: str) -> tuple[Path, Path] | None:
         globbed = [p for p in sorted(root.glob(f"{split}*")) if p.is_dir()]
         if len(globbed) == 1:
             return globbed[0], ann
-        raise DataError(f"found {ann} but no image folder for it; looked for "
-                        f"{', '.join(str(c) + '/' for c in candidates[:3])} and {root}/{split}*/")
+        raise DataError(
+            f"found {ann} but no image folder for it; looked for "
+            f"{', '.join(str(c) + '/' for c in candidates[:3])} and {root}/{split}*/"
+        )
     # Roboflow's export: the annotation file sits inside the image folder.
     for n in names:
         if (root / n / "_annotations.coco.json").is_file():
@@ -69,9 +74,15 @@ def _layout_split(root: Path, split: str) -> tuple[Path, Path] | None:
     return None
 
 
-def find_splits(root: str | os.PathLike | None = None, *, train_images: str | os.PathLike | None = None,
-                train_ann: str | os.PathLike | None = None, val_images: str | os.PathLike | None = None,
-                val_ann: str | os.PathLike | None = None, require_val: bool = False) -> dict:
+def find_splits(
+    root: str | os.PathLike | None = None,
+    *,
+    train_images: str | os.PathLike | None = None,
+    train_ann: str | os.PathLike | None = None,
+    val_images: str | os.PathLike | None = None,
+    val_ann: str | os.PathLike | None = None,
+    require_val: bool = False,
+) -> dict:
     """Locate a COCO dataset's splits: `{"train": (images_dir, ann_json), "val": (images_dir, ann_json) or None}`.
 
     With `root`, the usual layouts are recognised: `root/annotations/instances_train*.json` beside
@@ -84,8 +95,11 @@ def find_splits(root: str | os.PathLike | None = None, *, train_images: str | os
     if root is not None:
         root = Path(root)
         if not root.is_dir():
-            raise DataError(f"data directory {root} does not exist" if not root.exists()
-                            else f"{root} is a file; give the dataset's directory (with annotations/ inside)")
+            raise DataError(
+                f"data directory {root} does not exist"
+                if not root.exists()
+                else f"{root} is a file; give the dataset's directory (with annotations/ inside)"
+            )
         found = {split: _layout_split(root, split) for split in ("train", "val")}
     for split, images, ann in (("train", train_images, train_ann), ("val", val_images, val_ann)):
         if images is None and ann is None:
@@ -95,12 +109,20 @@ def find_splits(root: str | os.PathLike | None = None, *, train_images: str | os
         old_images, old_ann = found[split] or (None, None)
         found[split] = (Path(images) if images is not None else old_images, Path(ann) if ann is not None else old_ann)
     if found["train"] is None:
-        where = (f"{root}/annotations/instances_train*.json with {root}/train*/ images "
-                 f"(or {root}/train/_annotations.coco.json)") if root is not None else "train_images and train_ann"
+        where = (
+            (
+                f"{root}/annotations/instances_train*.json with {root}/train*/ images "
+                f"(or {root}/train/_annotations.coco.json)"
+            )
+            if root is not None
+            else "train_images and train_ann"
+        )
         raise DataError(f"no COCO train split found; looked for {where}")
     if found["val"] is None and require_val:
-        raise DataError(f"no COCO val split found; looked for {root}/annotations/instances_val*.json with "
-                        f"{root}/val*/ images (or give val_images and val_ann)")
+        raise DataError(
+            f"no COCO val split found; looked for {root}/annotations/instances_val*.json with "
+            f"{root}/val*/ images (or give val_images and val_ann)"
+        )
     for split, pair in found.items():
         if pair is None:
             continue
@@ -136,22 +158,28 @@ def load_instances(path: str | os.PathLike) -> dict:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise DataError(f"{path} is not valid JSON{where}: {getattr(e, 'msg', e)}") from None
     if not isinstance(document, dict):
-        raise DataError(f"{path} is not a COCO instances file: its top level is a JSON "
-                        f"{type(document).__name__}, not an object with 'images', 'annotations' and 'categories'")
+        raise DataError(
+            f"{path} is not a COCO instances file: its top level is a JSON "
+            f"{type(document).__name__}, not an object with 'images', 'annotations' and 'categories'"
+        )
     missing = [k for k in ("images", "annotations", "categories") if k not in document]
     if missing:
         raise DataError(f"{path} is not a COCO instances file: missing {', '.join(repr(k) for k in missing)}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(document[key], list):
-            raise DataError(f"{path} is not a COCO instances file: '{key}' is a {type(document[key]).__name__}, "
-                            "not a list")
+            raise DataError(
+                f"{path} is not a COCO instances file: '{key}' is a {type(document[key]).__name__}, not a list"
+            )
     return document
 
 
 def _polygons(segmentation) -> list | None:
     """The usable polygons of a list segmentation (>= 3 points each), or None."""
-    polys = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-             and all(_is_number(v) for v in p)]
+    polys = [
+        p
+        for p in segmentation
+        if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p)
+    ]
     return polys or None
 
 
@@ -190,8 +218,15 @@ class CocoDetection(Dataset):
     is not COCO instances JSON, annotations naming absent images, image files missing on disk.
     """
 
-    def __init__(self, images_dir: str | os.PathLike, ann_file: str | os.PathLike, transforms=None, *,
-                 masks: bool = True, categories: list[dict] | None = None):
+    def __init__(
+        self,
+        images_dir: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        transforms=None,
+        *,
+        masks: bool = True,
+        categories: list[dict] | None = None,
+    ):
         self.images_dir, self.ann_file = Path(images_dir), Path(ann_file)
         self.transforms, self.with_masks = transforms, masks
         document = load_instances(self.ann_file)
@@ -225,8 +260,10 @@ class CocoDetection(Dataset):
 
         missing = [im["file_name"] for im in images if not (self.images_dir / im["file_name"]).is_file()]
         if missing:
-            raise DataError(f"{len(missing)} of {len(images)} images listed in {name} are missing from "
-                            f"{self.images_dir}, the first: {self.images_dir / missing[0]}")
+            raise DataError(
+                f"{len(missing)} of {len(images)} images listed in {name} are missing from "
+                f"{self.images_dir}, the first: {self.images_dir / missing[0]}"
+            )
         for im in images:
             if not (_is_int(im.get("width")) and _is_int(im.get("height")) and im["width"] > 0 and im["height"] > 0):
                 # Only the header is read; a file too broken for that is reported when its sample is read.
@@ -236,8 +273,17 @@ class CocoDetection(Dataset):
                 except READ_ERRORS:
                     im["width"] = im["height"] = None
 
-        stats = dict(images=len(images), objects=0, unknown_category=0, clipped_boxes=0, dropped_boxes=0, crowd=0,
-                     negative_images=0, box_masks=0, with_segmentation=0)
+        stats = dict(
+            images=len(images),
+            objects=0,
+            unknown_category=0,
+            clipped_boxes=0,
+            dropped_boxes=0,
+            crowd=0,
+            negative_images=0,
+            box_masks=0,
+            with_segmentation=0,
+        )
         annotations = []
         ids_ok = True
         for i, a in enumerate(document["annotations"]):
@@ -248,8 +294,10 @@ class CocoDetection(Dataset):
                     raise DataError(f"{name}: annotation {a.get('id', f'#{i}')} has no '{key}'")
             if a["image_id"] not in by_id:
                 bad = [b for b in document["annotations"] if isinstance(b, dict) and b.get("image_id") not in by_id]
-                raise DataError(f"{name}: annotation {a.get('id', f'#{i}')} names image_id {a['image_id']!r}, "
-                                f"which is not in 'images' ({len(bad)} annotation(s) name absent images)")
+                raise DataError(
+                    f"{name}: annotation {a.get('id', f'#{i}')} names image_id {a['image_id']!r}, "
+                    f"which is not in 'images' ({len(bad)} annotation(s) name absent images)"
+                )
             if a["category_id"] not in self.cat_id_to_label:
                 stats["unknown_category"] += 1
                 continue
@@ -329,8 +377,7 @@ class CocoDetection(Dataset):
         if s["clipped_boxes"]:
             lines.append(f"clipped {s['clipped_boxes']} box(es) that reach outside their image")
         if s["dropped_boxes"]:
-            lines.append(f"dropped {s['dropped_boxes']} box(es) of zero or negative size (after clipping) "
-                         "or malformed")
+            lines.append(f"dropped {s['dropped_boxes']} box(es) of zero or negative size (after clipping) or malformed")
         if s["crowd"]:
             lines.append(f"left {s['crowd']} crowd annotation(s) out of training (they only mark ignore regions)")
         if self.with_masks and s["box_masks"] and s["with_segmentation"]:
@@ -340,8 +387,10 @@ class CocoDetection(Dataset):
     def summary(self) -> str:
         """E.g. "1500 images (12 without objects), 8277 objects, 10 classes"."""
         s = self.stats
-        return (f"{s['images']} images ({s['negative_images']} without objects), {s['objects']} objects, "
-                f"{len(self.class_names)} classes")
+        return (
+            f"{s['images']} images ({s['negative_images']} without objects), {s['objects']} objects, "
+            f"{len(self.class_names)} classes"
+        )
 
     @property
     def has_masks(self) -> bool:
@@ -360,12 +409,13 @@ class CocoDetection(Dataset):
             return Unreadable(str(path), f"{type(e).__name__}: {e}")
         h, w = info["height"], info["width"]
         if (pil.height, pil.width) != (h, w):
-            return Unreadable(str(path), f"the image is {pil.width}x{pil.height} but {self.ann_file.name} "
-                                         f"says {w}x{h}")
+            return Unreadable(str(path), f"the image is {pil.width}x{pil.height} but {self.ann_file.name} says {w}x{h}")
         image = tv_tensors.Image(v2.functional.pil_to_tensor(pil))
         anns = self._targets[index]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.tensor(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
             "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
@@ -377,7 +427,7 @@ class CocoDetection(Dataset):
             for k, a in enumerate(anns):
                 if a["_box_mask"]:
                     x0, y0, bw, bh = a["bbox"]
-                    masks[k, int(y0):math.ceil(y0 + bh), int(x0):math.ceil(x0 + bw)] = 1
+                    masks[k, int(y0) : math.ceil(y0 + bh), int(x0) : math.ceil(x0 + bw)] = 1
                 else:
                     masks[k] = mask_utils.decode(self._rle(a["segmentation"], h, w))
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
@@ -426,8 +476,12 @@ class MultiScaleCollate:
     `max_size` caps the long side. The chosen size of the last batch is in `last_size`.
     """
 
-    def __init__(self, sizes: tuple[int, ...] = TRAIN_SIZES, max_size: int | None = None,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        sizes: tuple[int, ...] = TRAIN_SIZES,
+        max_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
         if not sizes:
             raise ValueError("MultiScaleCollate needs at least one size")
         self.sizes, self.max_size, self.generator = tuple(int(s) for s in sizes), max_size, generator

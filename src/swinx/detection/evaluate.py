@@ -30,13 +30,18 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def to_coco_results(predictions: list[dict], label_to_cat_id: dict[int, int],
-                    iou_types: tuple[str, ...] = ("bbox", "segm"), mask_threshold: float = 0.5) -> dict[str, list]:
+def to_coco_results(
+    predictions: list[dict],
+    label_to_cat_id: dict[int, int],
+    iou_types: tuple[str, ...] = ("bbox", "segm"),
+    mask_threshold: float = 0.5,
+) -> dict[str, list]:
     """COCO result lists per IoU type from torchvision-style predictions.
 
     Each prediction: `image_id` int, `boxes` (N, 4) XYXY in the image's pixels, `scores` (N,),
     `labels` (N,) in 1..K, and for "segm" `masks` (N, 1, H, W) or (N, H, W): float probabilities,
-    binarised at `mask_threshold`, or already binary integer/bool masks (nonzero = inside). Returns {"bbox": [{image_id, category_id, bbox xywh, score}],
+    binarised at `mask_threshold`, or already binary integer/bool masks (nonzero = inside).
+    Returns {"bbox": [{image_id, category_id, bbox xywh, score}],
     "segm": [{image_id, category_id, segmentation RLE (counts as str, JSON-ready), score}]}.
     """
     lookup = dict(label_to_cat_id)
@@ -52,8 +57,10 @@ def to_coco_results(predictions: list[dict], label_to_cat_id: dict[int, int],
         cats = [lookup[int(label)] for label in labels]
         if "bbox" in results:
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
-            results["bbox"] += [{"image_id": image_id, "category_id": c, "bbox": b, "score": float(s)}
-                                for c, b, s in zip(cats, xywh.tolist(), scores)]
+            results["bbox"] += [
+                {"image_id": image_id, "category_id": c, "bbox": b, "score": float(s)}
+                for c, b, s in zip(cats, xywh.tolist(), scores)
+            ]
         if "segm" in results and len(labels):
             if "masks" not in p:
                 raise ValueError(f"'segm' scoring needs 'masks' in the predictions; image {image_id} has none")
@@ -66,8 +73,10 @@ def to_coco_results(predictions: list[dict], label_to_cat_id: dict[int, int],
             rles = mask_utils.encode(np.asfortranarray(binary.view(np.uint8).transpose(1, 2, 0)))
             for rle in rles:
                 rle["counts"] = rle["counts"].decode("ascii")
-            results["segm"] += [{"image_id": image_id, "category_id": c, "segmentation": r, "score": float(s)}
-                                for c, r, s in zip(cats, rles, scores)]
+            results["segm"] += [
+                {"image_id": image_id, "category_id": c, "segmentation": r, "score": float(s)}
+                for c, r, s in zip(cats, rles, scores)
+            ]
     return results
 
 
@@ -76,14 +85,22 @@ def _load_results(gt: COCO, results: list[dict]) -> COCO:
         return gt.loadRes(results)
     # loadRes cannot take an empty list; no detections is a valid (zero-scoring) answer.
     empty = COCO()
-    empty.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
-                     "categories": list(gt.dataset["categories"])}
+    empty.dataset = {
+        "images": list(gt.dataset["images"]),
+        "annotations": [],
+        "categories": list(gt.dataset["categories"]),
+    }
     empty.createIndex()
     return empty
 
 
-def coco_evaluate(coco_gt, predictions: list[dict], iou_types: tuple[str, ...] = ("bbox", "segm"), *,
-                  image_ids: list[int] | None = None) -> dict[str, dict]:
+def coco_evaluate(
+    coco_gt,
+    predictions: list[dict],
+    iou_types: tuple[str, ...] = ("bbox", "segm"),
+    *,
+    image_ids: list[int] | None = None,
+) -> dict[str, dict]:
     """Score predictions with COCOeval; prints nothing.
 
     `coco_gt` is a `CocoDetection` (its label -> category id map is used) or a pycocotools COCO

@@ -29,7 +29,7 @@ class LoadedDetector:
     model: torch.nn.Module
     classes: list[str]
     spec: dict
-    img_size: str | None            # the evaluation size the run used (None: native)
+    img_size: str | None  # the evaluation size the run used (None: native)
     train_config: dict
     path: Path
 
@@ -61,8 +61,10 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -
     except Exception as e:  # noqa: BLE001 - any decoding failure means the same to the user
         raise DetectError(f"cannot read {path}: {e}") from e
     if meta.get("task") != "detection":
-        raise DetectError(f"{path} is not a swinx detector checkpoint (no detection metadata); "
-                          "for classifiers use swinx eval / swinx predict")
+        raise DetectError(
+            f"{path} is not a swinx detector checkpoint (no detection metadata); "
+            "for classifiers use swinx eval / swinx predict"
+        )
     spec = json.loads(meta["detector"])
     model = build_detector(spec)
     try:
@@ -70,14 +72,28 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -
     except (RuntimeError, SafetensorError) as e:
         raise DetectError(f"{path} does not fit the detector it describes: {str(e).splitlines()[0]}") from e
     model.to(device).eval()
-    return LoadedDetector(model, json.loads(meta["classes"]), spec, json.loads(meta.get("img_size", "null")),
-                          json.loads(meta.get("train_config", "{}")), path)
+    return LoadedDetector(
+        model,
+        json.loads(meta["classes"]),
+        spec,
+        json.loads(meta.get("img_size", "null")),
+        json.loads(meta.get("train_config", "{}")),
+        path,
+    )
 
 
 @torch.no_grad()
-def evaluate_detector(model: torch.nn.Module, dataset: D.CocoDetection, device: torch.device | str = "cpu", *,
-                      size: tuple[int, int] | None = None, ddp: Dist | None = None, dtype=None,
-                      batch_size: int = 8, workers: int = 0) -> dict:
+def evaluate_detector(
+    model: torch.nn.Module,
+    dataset: D.CocoDetection,
+    device: torch.device | str = "cpu",
+    *,
+    size: tuple[int, int] | None = None,
+    ddp: Dist | None = None,
+    dtype=None,
+    batch_size: int = 8,
+    workers: int = 0,
+) -> dict:
     """COCO box (and mask) AP of `model` on `dataset`, every image resized to `size` = (H, W) or at
     its own size (None); predictions are mapped back to the original pixels before scoring.
 
@@ -88,8 +104,13 @@ def evaluate_detector(model: torch.nn.Module, dataset: D.CocoDetection, device: 
     was_training = model.training
     model.eval()
     set_eval_size(model, size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), ddp.rank, ddp.world),
-                        num_workers=workers, collate_fn=D.collate)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), ddp.rank, ddp.world),
+        num_workers=workers,
+        collate_fn=D.collate,
+    )
     predictions, skipped, first_bad = [], 0, None
     for batch, bad in loader:
         skipped += len(bad)
@@ -101,7 +122,7 @@ def evaluate_detector(model: torch.nn.Module, dataset: D.CocoDetection, device: 
             outputs = model([im.to(device) for im in images])
         for out, target in zip(outputs, targets):
             item = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
-            if "masks" in item:   # (N, 1, H, W) probabilities; RLE-encoded later, keep them compact here
+            if "masks" in item:  # (N, 1, H, W) probabilities; RLE-encoded later, keep them compact here
                 item["masks"] = (item["masks"] > 0.5).to(torch.uint8)
             predictions.append({**item, "image_id": int(target["image_id"])})
     set_eval_size(model, None)
@@ -146,13 +167,15 @@ def eval_dataset(loaded: LoadedDetector, data: str | os.PathLike | None) -> D.Co
     masks = loaded.spec["name"].startswith("maskrcnn")
     dataset = D.CocoDetection(*split, D.eval_transforms(), masks=masks)
     if dataset.class_names != loaded.classes:
-        raise DataError(f"{split[1]} has classes {dataset.class_names[:10]}, the detector was trained on "
-                        f"{loaded.classes[:10]}")
+        raise DataError(
+            f"{split[1]} has classes {dataset.class_names[:10]}, the detector was trained on {loaded.classes[:10]}"
+        )
     return dataset
 
 
-def evaluate_checkpoint(checkpoint, data=None, *, sizes: list | None = None, batch_size: int = 8,
-                        device: str = "cpu") -> list[dict]:
+def evaluate_checkpoint(
+    checkpoint, data=None, *, sizes: list | None = None, batch_size: int = 8, device: str = "cpu"
+) -> list[dict]:
     """`swinx detect eval`: one report per size (None: the run's own evaluation size)."""
     from swinx.detection.train import parse_size
 
@@ -167,8 +190,14 @@ def evaluate_checkpoint(checkpoint, data=None, *, sizes: list | None = None, bat
 
 
 @torch.no_grad()
-def predict(loaded: LoadedDetector, images: list[str | os.PathLike], *, score_threshold: float = 0.5,
-            size: tuple[int, int] | None = None, draw_dir: str | os.PathLike | None = None) -> list[dict]:
+def predict(
+    loaded: LoadedDetector,
+    images: list[str | os.PathLike],
+    *,
+    score_threshold: float = 0.5,
+    size: tuple[int, int] | None = None,
+    draw_dir: str | os.PathLike | None = None,
+) -> list[dict]:
     """Boxes (XYXY pixels of the original image), labels, scores (and mask areas) per image file.
 
     An image that cannot be decoded gives {"image", "error"} and the others are still answered.
@@ -189,10 +218,20 @@ def predict(loaded: LoadedDetector, images: list[str | os.PathLike], *, score_th
         out = model([F.to_dtype(image, torch.float32, scale=True).to(device)])[0]
         keep = out["scores"] >= score_threshold
         out = {k: v[keep].cpu() for k, v in out.items()}
-        item = {"image": str(path), "width": image.shape[-1], "height": image.shape[-2], "detections": [
-            {"class": loaded.classes[int(label) - 1], "label": int(label), "score": round(float(score), 4),
-             "box": [round(float(v), 1) for v in box]}
-            for box, label, score in zip(out["boxes"], out["labels"], out["scores"])]}
+        item = {
+            "image": str(path),
+            "width": image.shape[-1],
+            "height": image.shape[-2],
+            "detections": [
+                {
+                    "class": loaded.classes[int(label) - 1],
+                    "label": int(label),
+                    "score": round(float(score), 4),
+                    "box": [round(float(v), 1) for v in box],
+                }
+                for box, label, score in zip(out["boxes"], out["labels"], out["scores"])
+            ],
+        }
         if "masks" in out:
             for det, mask in zip(item["detections"], out["masks"]):
                 det["mask_area"] = int((mask[0] > 0.5).sum())
@@ -215,7 +254,9 @@ def draw(image: torch.Tensor, out: dict, classes: list[str], path: Path) -> Path
         canvas = draw_segmentation_masks(canvas, out["masks"][:, 0] > 0.5, alpha=0.45)
     labels = [f"{classes[int(label) - 1]} {float(s):.2f}" for label, s in zip(out["labels"], out["scores"])]
     if len(out["boxes"]):
-        canvas = draw_bounding_boxes(canvas, out["boxes"], labels, colors="yellow", width=max(1, image.shape[-1] // 200))
+        canvas = draw_bounding_boxes(
+            canvas, out["boxes"], labels, colors="yellow", width=max(1, image.shape[-1] // 200)
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: write_png(canvas, str(tmp)))
     return path

@@ -28,8 +28,12 @@ DETECTORS = {"fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN, "retinanet": Retina
 # Which backbone outputs feed the pyramid and which extra levels it grows, as torchvision builds
 # them for ResNets: the R-CNNs use strides 4-32 plus a max-pooled stride 64 (P2-P6); RetinaNet
 # and FCOS use strides 8-32 plus P6 and P7 convolved from P5 (P3-P7).
-PYRAMIDS = {"fasterrcnn": ((0, 1, 2, 3), "maxpool"), "maskrcnn": ((0, 1, 2, 3), "maxpool"),
-            "retinanet": ((1, 2, 3), "p6p7"), "fcos": ((1, 2, 3), "p6p7")}
+PYRAMIDS = {
+    "fasterrcnn": ((0, 1, 2, 3), "maxpool"),
+    "maskrcnn": ((0, 1, 2, 3), "maxpool"),
+    "retinanet": ((1, 2, 3), "p6p7"),
+    "fcos": ((1, 2, 3), "p6p7"),
+}
 _NAME = re.compile(r"(fasterrcnn|maskrcnn|retinanet|fcos)_(.+)_fpn")
 
 
@@ -45,8 +49,9 @@ class SwinFPN(nn.Module):
     def __init__(self, backbone: SwinBackbone, out_channels: int = 256, extra: str | None = "maxpool"):
         super().__init__()
         self.body = backbone
-        extra_blocks = {"maxpool": LastLevelMaxPool(), "p6p7": LastLevelP6P7(out_channels, out_channels),
-                        None: None}[extra]
+        extra_blocks = {"maxpool": LastLevelMaxPool(), "p6p7": LastLevelP6P7(out_channels, out_channels), None: None}[
+            extra
+        ]
         self.fpn = FeaturePyramidNetwork(backbone.channels, out_channels, extra_blocks)
         self.out_channels = out_channels
 
@@ -60,8 +65,15 @@ class SwinFPN(nn.Module):
         self.body.set_grad_checkpointing(enable)
 
 
-def swin_fpn(name: str = "swin_t", out_channels: int = 256, out_indices=(0, 1, 2, 3), extra: str | None = "maxpool",
-             frozen_stages: int = -1, norm_eval: bool = False, **overrides) -> SwinFPN:
+def swin_fpn(
+    name: str = "swin_t",
+    out_channels: int = 256,
+    out_indices=(0, 1, 2, 3),
+    extra: str | None = "maxpool",
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
+    **overrides,
+) -> SwinFPN:
     """The named Swin variant (any `swinx.list_models()` name) as a pyramid for torchvision's detectors.
 
     The defaults suit Faster and Mask R-CNN (P2-P6); RetinaNet and FCOS take
@@ -77,11 +89,23 @@ class NativeSizeTransform(GeneralizedRCNNTransform):
     only when asked: with `min_size=None` images keep their size; `fixed_size=(W, H)` (torchvision's
     order) resizes every image to that size, and predictions are mapped back to the original."""
 
-    def __init__(self, min_size: int | tuple[int, ...] | None = None, max_size: int | None = None,
-                 image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), size_divisible: int = 32,
-                 fixed_size: tuple[int, int] | None = None):
-        super().__init__(min_size if min_size is not None else 0, max_size or 0, list(image_mean), list(image_std),
-                         size_divisible=size_divisible, fixed_size=fixed_size)
+    def __init__(
+        self,
+        min_size: int | tuple[int, ...] | None = None,
+        max_size: int | None = None,
+        image_mean=(0.485, 0.456, 0.406),
+        image_std=(0.229, 0.224, 0.225),
+        size_divisible: int = 32,
+        fixed_size: tuple[int, int] | None = None,
+    ):
+        super().__init__(
+            min_size if min_size is not None else 0,
+            max_size or 0,
+            list(image_mean),
+            list(image_std),
+            size_divisible=size_divisible,
+            fixed_size=fixed_size,
+        )
         self.native = min_size is None
 
     def resize(self, image, target=None):
@@ -94,21 +118,36 @@ def parse_detector_name(name: str) -> tuple[str, str]:
     """'maskrcnn_swin_t_fpn' -> ('maskrcnn', 'swin_t')."""
     match = _NAME.fullmatch(name)
     if match is None:
-        raise KeyError(f"unknown detector {name!r}: expected <detector>_<swin variant>_fpn with detector one of "
-                       f"{sorted(DETECTORS)}, e.g. maskrcnn_swin_t_fpn, fcos_swinv2_t_fpn")
+        raise KeyError(
+            f"unknown detector {name!r}: expected <detector>_<swin variant>_fpn with detector one of "
+            f"{sorted(DETECTORS)}, e.g. maskrcnn_swin_t_fpn, fcos_swinv2_t_fpn"
+        )
     return match[1], match[2]
 
 
 def list_detectors() -> list[str]:
-    return [f"{kind}_{variant}_fpn" for kind in DETECTORS for variant in ("swin_t", "swin_s", "swin_b", "swin_l",
-                                                                           "swinv2_t", "swinv2_s", "swinv2_b")]
+    return [
+        f"{kind}_{variant}_fpn"
+        for kind in DETECTORS
+        for variant in ("swin_t", "swin_s", "swin_b", "swin_l", "swinv2_t", "swinv2_s", "swinv2_b")
+    ]
 
 
-def create_detector(name: str = "maskrcnn_swin_t_fpn", num_classes: int = 91, *, fpn_channels: int = 256,
-                    min_size: int | tuple[int, ...] | None = None, max_size: int | None = None,
-                    image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
-                    anchor_sizes: tuple[int, ...] | None = None, frozen_stages: int = -1, norm_eval: bool = False,
-                    backbone_args: dict | None = None, **detector_args) -> nn.Module:
+def create_detector(
+    name: str = "maskrcnn_swin_t_fpn",
+    num_classes: int = 91,
+    *,
+    fpn_channels: int = 256,
+    min_size: int | tuple[int, ...] | None = None,
+    max_size: int | None = None,
+    image_mean=(0.485, 0.456, 0.406),
+    image_std=(0.229, 0.224, 0.225),
+    anchor_sizes: tuple[int, ...] | None = None,
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
+    backbone_args: dict | None = None,
+    **detector_args,
+) -> nn.Module:
     """A torchvision detector on a Swin pyramid: `<fasterrcnn|maskrcnn|retinanet|fcos>_<variant>_fpn`.
 
     `num_classes` counts the background for the R-CNNs (torchvision's convention: 91 for COCO);
@@ -119,19 +158,22 @@ def create_detector(name: str = "maskrcnn_swin_t_fpn", num_classes: int = 91, *,
     """
     kind, variant = parse_detector_name(name)
     if kind == "fcos" and fpn_channels % 32:
-        raise ValueError(f"FCOS's head normalises in 32 groups (GroupNorm): fpn_channels must be a multiple of 32, "
-                         f"got {fpn_channels}")
+        raise ValueError(
+            f"FCOS's head normalises in 32 groups (GroupNorm): fpn_channels must be a multiple of 32, "
+            f"got {fpn_channels}"
+        )
     indices, extra = PYRAMIDS[kind]
     backbone = swin_fpn(variant, fpn_channels, indices, extra, frozen_stages, norm_eval, **(backbone_args or {}))
     levels = len(indices) + (1 if extra == "maxpool" else 2)
     if anchor_sizes is not None:
         if len(anchor_sizes) != levels:
-            raise ValueError(f"{kind} has {levels} pyramid levels: anchor_sizes needs {levels} sizes, "
-                             f"got {tuple(anchor_sizes)}")
-        if kind == "retinanet":      # three scales per level, as torchvision's RetinaNet
+            raise ValueError(
+                f"{kind} has {levels} pyramid levels: anchor_sizes needs {levels} sizes, got {tuple(anchor_sizes)}"
+            )
+        if kind == "retinanet":  # three scales per level, as torchvision's RetinaNet
             sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in anchor_sizes)
             ratios = ((0.5, 1.0, 2.0),) * levels
-        elif kind == "fcos":         # anchor-free: one point per location, size only sets the level's scale
+        elif kind == "fcos":  # anchor-free: one point per location, size only sets the level's scale
             sizes, ratios = tuple((s,) for s in anchor_sizes), ((1.0,),) * levels
         else:
             sizes, ratios = tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels

@@ -47,8 +47,12 @@ def _digit_pools() -> dict[str, np.ndarray]:
     from swinx.classification.data import mnist5k
 
     train, val, _ = mnist5k()
-    return {"train": train.images[:, 0].numpy(), "val": val.images[:, 0].numpy(),
-            "train_labels": train.labels.numpy(), "val_labels": val.labels.numpy()}
+    return {
+        "train": train.images[:, 0].numpy(),
+        "val": val.images[:, 0].numpy(),
+        "train_labels": train.labels.numpy(),
+        "val_labels": val.labels.numpy(),
+    }
 
 
 def digit_sprite(digit: np.ndarray, side: int) -> np.ndarray:
@@ -57,7 +61,7 @@ def digit_sprite(digit: np.ndarray, side: int) -> np.ndarray:
     Returns (h, w) uint8 with max(h, w) == side; the aspect ratio is kept, so a "1" stays thin.
     """
     rows, cols = np.nonzero(digit)
-    crop = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    crop = digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     ch, cw = crop.shape
     h, w = (side, max(1, round(cw * side / ch))) if ch >= cw else (max(1, round(ch * side / cw)), side)
     return np.asarray(Image.fromarray(crop).resize((w, h), Image.BILINEAR))
@@ -90,8 +94,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return field
 
 
-def _scene(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, size: int, digits: tuple[int, int],
-           scale: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+def _scene(
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    digits: tuple[int, int],
+    scale: tuple[int, int],
+) -> tuple[np.ndarray, list[dict]]:
     """One canvas (size, size, 3) uint8 and its instances: dicts of mask (size, size) uint8, label, provenance."""
     canvas = _background(rng, size)
     instances, boxes = [], []
@@ -113,14 +123,15 @@ def _scene(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, size:
         else:
             continue  # no room left for this digit: the scene keeps fewer digits
         tint = rng.uniform(0.7, 1.0, 3).astype(np.float32)
-        region = canvas[y:y + h, x:x + w]
+        region = canvas[y : y + h, x : x + w]
         # Max-compositing keeps both strokes visible where boxes touch, so each mask stays the digit's own ink.
         np.maximum(region, sprite[..., None].astype(np.float32) * tint, out=region)
         mask = np.zeros((size, size), dtype=np.uint8)
-        mask[y:y + h, x:x + w] = local
+        mask[y : y + h, x : x + w] = local
         boxes.append(box)
-        instances.append(dict(mask=mask, box=box, label=int(labels[index]), source_index=index,
-                              paste_xy=[x, y], sprite_hw=[h, w]))
+        instances.append(
+            dict(mask=mask, box=box, label=int(labels[index]), source_index=index, paste_xy=[x, y], sprite_hw=[h, w])
+        )
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), instances
 
 
@@ -131,13 +142,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _params(train_scenes, val_scenes, size, digits, scale, seed) -> dict:
-    return dict(train_scenes=int(train_scenes), val_scenes=int(val_scenes), size=int(size), digits=list(digits),
-                scale=list(scale), seed=int(seed), mask_threshold=MASK_THRESHOLD, version=SCENES_VERSION)
+    return dict(
+        train_scenes=int(train_scenes),
+        val_scenes=int(val_scenes),
+        size=int(size),
+        digits=list(digits),
+        scale=list(scale),
+        seed=int(seed),
+        mask_threshold=MASK_THRESHOLD,
+        version=SCENES_VERSION,
+    )
 
 
-def make_scenes(out_dir: str | os.PathLike, *, train_scenes: int = TRAIN_SCENES, val_scenes: int = VAL_SCENES,
-                size: int = SCENE_SIZE, digits: tuple[int, int] = DIGITS_PER_SCENE,
-                scale: tuple[int, int] = DIGIT_SCALE, seed: int = 0) -> Path:
+def make_scenes(
+    out_dir: str | os.PathLike,
+    *,
+    train_scenes: int = TRAIN_SCENES,
+    val_scenes: int = VAL_SCENES,
+    size: int = SCENE_SIZE,
+    digits: tuple[int, int] = DIGITS_PER_SCENE,
+    scale: tuple[int, int] = DIGIT_SCALE,
+    seed: int = 0,
+) -> Path:
     """Write a COCO digit-scenes dataset under `out_dir` and return `out_dir`.
 
     Layout: `train/*.png`, `val/*.png` (size x size RGB), `annotations/instances_{train,val}.json`
@@ -171,33 +197,58 @@ def make_scenes(out_dir: str | os.PathLike, *, train_scenes: int = TRAIN_SCENES,
             Image.fromarray(canvas, "RGB").save(buffer, format="PNG", compress_level=3)
             _write_atomic(out / split / file_name, buffer.getvalue())
             image_id = i + 1
-            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
-                           "digit_pool": split, "digits": [inst["source_index"] for inst in instances]})
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": size,
+                    "height": size,
+                    "digit_pool": split,
+                    "digits": [inst["source_index"] for inst in instances],
+                }
+            )
             for inst in instances:
                 rle = mask_utils.encode(np.asfortranarray(inst["mask"]))
                 x0, y0, x1, y1 = (float(v) for v in inst["box"])
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": image_id, "category_id": inst["label"] + 1,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(inst["mask"].sum()), "iscrowd": 0,
-                    "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
-                    "source_index": inst["source_index"], "paste_xy": inst["paste_xy"],
-                    "sprite_hw": inst["sprite_hw"]})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": inst["label"] + 1,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": int(inst["mask"].sum()),
+                        "iscrowd": 0,
+                        "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+                        "source_index": inst["source_index"],
+                        "paste_xy": inst["paste_xy"],
+                        "sprite_hw": inst["sprite_hw"],
+                    }
+                )
         documents[split] = {
-            "info": {"description": f"swinx digit scenes ({split}), from the mnist5k {split} digits",
-                     "swinx_scenes": dict(params, split=split)},
-            "images": images, "annotations": annotations, "categories": categories}
+            "info": {
+                "description": f"swinx digit scenes ({split}), from the mnist5k {split} digits",
+                "swinx_scenes": dict(params, split=split),
+            },
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
     for split in ("train", "val"):
-        _write_atomic(ann_dir / f"instances_{split}.json",
-                      json.dumps(documents[split], separators=(",", ":")).encode())
+        _write_atomic(ann_dir / f"instances_{split}.json", json.dumps(documents[split], separators=(",", ":")).encode())
     return out
 
 
 def scenes_complete(out_dir: str | os.PathLike, **kwargs) -> bool:
     """True when `out_dir` holds a finished digit-scenes set made with these `make_scenes` arguments."""
     out = Path(out_dir)
-    wanted = _params(kwargs.get("train_scenes", TRAIN_SCENES), kwargs.get("val_scenes", VAL_SCENES),
-                     kwargs.get("size", SCENE_SIZE), kwargs.get("digits", DIGITS_PER_SCENE),
-                     kwargs.get("scale", DIGIT_SCALE), kwargs.get("seed", 0))
+    wanted = _params(
+        kwargs.get("train_scenes", TRAIN_SCENES),
+        kwargs.get("val_scenes", VAL_SCENES),
+        kwargs.get("size", SCENE_SIZE),
+        kwargs.get("digits", DIGITS_PER_SCENE),
+        kwargs.get("scale", DIGIT_SCALE),
+        kwargs.get("seed", 0),
+    )
     for split in ("train", "val"):
         path = out / "annotations" / f"instances_{split}.json"
         try:

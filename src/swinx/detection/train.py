@@ -29,7 +29,7 @@ from swinx.engine.loop import Best, Dist, Engine, data_loader, run
 from swinx.weights.checkpoint import CheckpointError, atomic_write, load_checkpoint
 
 logger = logging.getLogger("swinx")
-REFERENCE_BATCH = 16     # the recipe's learning rate is for 16 images per step (2 per GPU x 8), scaled linearly
+REFERENCE_BATCH = 16  # the recipe's learning rate is for 16 images per step (2 per GPU x 8), scaled linearly
 
 
 @dataclass
@@ -39,34 +39,34 @@ class DetectConfig:
     the digit-scenes preset replaces them, and `--data` on a small dataset picks fitting ones."""
 
     # data and model
-    data: str | None = None               # COCO root (annotations/instances_{train,val}*.json); None: digit scenes
-    detector: str = "maskrcnn"            # fasterrcnn | maskrcnn | retinanet | fcos (torchvision's)
-    model: str = "swin_t"                 # the backbone variant
-    model_args: dict = field(default_factory=dict)   # SwinConfig overrides for the backbone
+    data: str | None = None  # COCO root (annotations/instances_{train,val}*.json); None: digit scenes
+    detector: str = "maskrcnn"  # fasterrcnn | maskrcnn | retinanet | fcos (torchvision's)
+    model: str = "swin_t"  # the backbone variant
+    model_args: dict = field(default_factory=dict)  # SwinConfig overrides for the backbone
     window_size: int | None = None
-    small_map: str = "clamp"              # clamp | pad | pad_shift (OpenMMLab's detectors)
+    small_map: str = "clamp"  # clamp | pad | pad_shift (OpenMMLab's detectors)
     fpn_channels: int = 256
-    anchor_sizes: list | None = None      # one per pyramid level; None: torchvision's
-    box_batch_size: int = 512             # RoIs sampled per image for the box head (R-CNNs)
-    representation_size: int = 1024       # the R-CNN box head's MLP width
-    mask_channels: int = 256              # the Mask R-CNN mask head's conv width
-    init: str | None = None               # backbone from a classification (any layout) or detector checkpoint
+    anchor_sizes: list | None = None  # one per pyramid level; None: torchvision's
+    box_batch_size: int = 512  # RoIs sampled per image for the box head (R-CNNs)
+    representation_size: int = 1024  # the R-CNN box head's MLP width
+    mask_channels: int = 256  # the Mask R-CNN mask head's conv width
+    init: str | None = None  # backbone from a classification (any layout) or detector checkpoint
     frozen_stages: int = -1
     norm_eval: bool = False
     # sizes
-    train_sizes: list = field(default_factory=lambda: list(range(480, 801, 32)))   # short side, one per batch
+    train_sizes: list = field(default_factory=lambda: list(range(480, 801, 32)))  # short side, one per batch
     max_size: int = 1333
-    img_size: str | None = None           # evaluation size: "416", "608x416" (HxW); None: each image's own
-    eval_sizes: list = field(default_factory=list)   # extra sizes evaluated after training (recorded in eval.json)
+    img_size: str | None = None  # evaluation size: "416", "608x416" (HxW); None: each image's own
+    eval_sizes: list = field(default_factory=list)  # extra sizes evaluated after training (recorded in eval.json)
     # optimisation
     epochs: int = 36
-    batch_size: int = 2                   # per process, per micro-batch
+    batch_size: int = 2  # per process, per micro-batch
     accum_steps: int = 1
-    lr: float = 1e-4                      # for a global batch of 16
+    lr: float = 1e-4  # for a global batch of 16
     min_lr: float = 0.0
     warmup_lr: float = 1e-7
     warmup_epochs: float = 0.25
-    schedule: str = "step"                # step (x0.1 at `milestones`) | cosine
+    schedule: str = "step"  # step (x0.1 at `milestones`) | cosine
     milestones: list = field(default_factory=lambda: [27, 33])
     weight_decay: float = 0.05
     clip_grad: float | None = None
@@ -78,7 +78,7 @@ class DetectConfig:
     val_every: int = 1
     # run
     seed: int = 0
-    workers: int | None = None            # None: follow the machine (see default_workers)
+    workers: int | None = None  # None: follow the machine (see default_workers)
     device: str = "auto"
     out: str | None = None
     name: str | None = None
@@ -100,8 +100,10 @@ class DetectConfig:
         if not self.train_sizes or min(self.train_sizes) < 32:
             problems.append(f"train_sizes must list short sides of at least 32 px, got {self.train_sizes}")
         elif self.max_size <= max(self.train_sizes):
-            problems.append(f"max_size {self.max_size} (the longest side allowed) must exceed the largest short "
-                            f"side in train_sizes, {max(self.train_sizes)}")
+            problems.append(
+                f"max_size {self.max_size} (the longest side allowed) must exceed the largest short "
+                f"side in train_sizes, {max(self.train_sizes)}"
+            )
         if self.val_every < 1:
             problems.append(f"val_every must be at least 1, got {self.val_every}")
         try:
@@ -135,7 +137,7 @@ def default_workers() -> int:
 
 
 def parse_size(text) -> tuple[int, int]:
-    """"416" -> (416, 416); "608x416" -> (608, 416) as (H, W)."""
+    """ "416" -> (416, 416); "608x416" -> (608, 416) as (H, W)."""
     parts = str(text).lower().split("x")
     try:
         values = [int(p) for p in parts]
@@ -150,12 +152,28 @@ def parse_size(text) -> tuple[int, int]:
 # (anchor-free, no RoI heads: the cheapest of the four on a CPU), FPN width 64; FCOS's level
 # scales from 8 px fit the 20-80 px digits. Scored at 416x416, then at 608x608 and 600x424.
 SCENES_PRESET = dict(
-    detector="fcos", model="swin_t",
+    detector="fcos",
+    model="swin_t",
     model_args=dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8]),
-    fpn_channels=64, anchor_sizes=[8, 16, 32, 64, 128], box_batch_size=128, representation_size=256,
-    mask_channels=64, train_sizes=[224, 256, 288, 320], max_size=640, img_size="416",
-    eval_sizes=["608", "600x424"], epochs=8, batch_size=8, lr=2e-3, warmup_epochs=0.5,
-    schedule="cosine", min_lr=1e-5, drop_path=0.1, hflip=0.0, val_every=4, clip_grad=10.0,
+    fpn_channels=64,
+    anchor_sizes=[8, 16, 32, 64, 128],
+    box_batch_size=128,
+    representation_size=256,
+    mask_channels=64,
+    train_sizes=[224, 256, 288, 320],
+    max_size=640,
+    img_size="416",
+    eval_sizes=["608", "600x424"],
+    epochs=8,
+    batch_size=8,
+    lr=2e-3,
+    warmup_epochs=0.5,
+    schedule="cosine",
+    min_lr=1e-5,
+    drop_path=0.1,
+    hflip=0.0,
+    val_every=4,
+    clip_grad=10.0,
 )
 
 
@@ -198,7 +216,7 @@ def build_datasets(cfg: DetectConfig, ddp: Dist | None = None) -> tuple[D.CocoDe
     if cfg.data is None and (ddp is None or ddp.main):
         scenes.ensure_scenes(scenes_dir())
     if ddp is not None and ddp.world > 1:
-        torch.distributed.barrier()    # rank 0 writes the scenes, the others wait for them
+        torch.distributed.barrier()  # rank 0 writes the scenes, the others wait for them
     splits = D.find_splits(dataset_root(cfg))
     masks = cfg.detector == "maskrcnn"
     train = D.CocoDetection(*splits["train"], D.train_transforms(cfg.hflip), masks=masks)
@@ -213,13 +231,20 @@ def detector_spec(cfg: DetectConfig, num_classes: int) -> dict:
     backbone_args = dict(cfg.model_args, drop_path_rate=cfg.drop_path, small_map=cfg.small_map)
     if cfg.window_size is not None:
         backbone_args["window_size"] = cfg.window_size
-    spec = dict(name=f"{cfg.detector}_{cfg.model}_fpn", num_classes=num_classes + 1, fpn_channels=cfg.fpn_channels,
-                anchor_sizes=list(cfg.anchor_sizes) if cfg.anchor_sizes else None,
-                frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval, backbone_args=backbone_args,
-                detector_args={})
+    spec = dict(
+        name=f"{cfg.detector}_{cfg.model}_fpn",
+        num_classes=num_classes + 1,
+        fpn_channels=cfg.fpn_channels,
+        anchor_sizes=list(cfg.anchor_sizes) if cfg.anchor_sizes else None,
+        frozen_stages=cfg.frozen_stages,
+        norm_eval=cfg.norm_eval,
+        backbone_args=backbone_args,
+        detector_args={},
+    )
     if cfg.detector in ("fasterrcnn", "maskrcnn"):
-        spec["detector_args"].update(box_batch_size_per_image=cfg.box_batch_size,
-                                     representation_size=cfg.representation_size)
+        spec["detector_args"].update(
+            box_batch_size_per_image=cfg.box_batch_size, representation_size=cfg.representation_size
+        )
     if cfg.detector == "maskrcnn":
         spec["detector_args"]["mask_channels"] = cfg.mask_channels
     return spec
@@ -230,14 +255,14 @@ def build_detector(spec: dict) -> torch.nn.Module:
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-    spec = json.loads(json.dumps(spec))        # a copy
+    spec = json.loads(json.dumps(spec))  # a copy
     args = spec.pop("detector_args")
     channels, num_classes = spec["fpn_channels"], spec["num_classes"]
     if "representation_size" in args:
         size = args.pop("representation_size")
         args["box_head"] = TwoMLPHead(channels * 7 * 7, size)
         args["box_predictor"] = FastRCNNPredictor(size, num_classes)
-        spec["num_classes"] = None    # torchvision's rule: the predictor gives it
+        spec["num_classes"] = None  # torchvision's rule: the predictor gives it
     if "mask_channels" in args:
         width = args.pop("mask_channels")
         args["mask_head"] = MaskRCNNHeads(channels, [width] * 4, 1)
@@ -263,26 +288,33 @@ def fit_to_data(cfg: DetectConfig, chosen: set[str], train: D.CocoDetection) -> 
     long = statistics.median(max(h, w) for h, w in sizes)
     count, on_gpu = len(train), torch.cuda.is_available()
     if on_gpu or count > 5000 or short > 640:
-        return cfg, ""           # a real dataset on real hardware: the paper's recipe
+        return cfg, ""  # a real dataset on real hardware: the paper's recipe
     boxes = [min(a["bbox"][2], a["bbox"][3]) for a in train.coco.anns.values() if not a.get("iscrowd")]
     small_box = statistics.median(boxes) if boxes else short / 6
     side = int(min(320, max(192, round(short / 32) * 32)))
     picked = dict(SCENES_PRESET)
-    picked.update(train_sizes=[side - 32, side, side + 32], max_size=math.ceil((side + 32) * long / short) + 1,
-                  img_size=str(side), eval_sizes=[], hflip=0.5)
+    picked.update(
+        train_sizes=[side - 32, side, side + 32],
+        max_size=math.ceil((side + 32) * long / short) + 1,
+        img_size=str(side),
+        eval_sizes=[],
+        hflip=0.5,
+    )
     # As many optimizer steps as the scenes preset takes (about 10 minutes here), in 6 to 60 epochs.
     budget_steps = scenes.TRAIN_SCENES // SCENES_PRESET["batch_size"] * SCENES_PRESET["epochs"]
     picked["epochs"] = int(max(6, min(60, budget_steps * SCENES_PRESET["batch_size"] // max(count, 1))))
     picked["val_every"] = max(1, picked["epochs"] // 3)
     values = {k: v for k, v in picked.items() if k not in chosen and k != "data"}
     new = dataclasses.replace(cfg, **values)
-    why = (f"{count} training images of median {int(short)}x{int(long)} px (short x long side), "
-           f"{len(train.class_names)} classes, objects of median side {small_box:.0f} px, no GPU: picked a small "
-           f"{new.model} (embed {new.model_args.get('embed_dim', '-')}, depths {new.model_args.get('depths', '-')}"
-           f"{', from scratch' if not new.init else ''}) under {new.detector} with FPN width {new.fpn_channels}, "
-           f"short sides {new.train_sizes}, {new.epochs} epochs of batch {new.batch_size} (about as many steps as "
-           "the digit-scenes preset, ~10 min on a 2-core CPU); "
-           "choose --model/--epochs/--lr/... to override")
+    why = (
+        f"{count} training images of median {int(short)}x{int(long)} px (short x long side), "
+        f"{len(train.class_names)} classes, objects of median side {small_box:.0f} px, no GPU: picked a small "
+        f"{new.model} (embed {new.model_args.get('embed_dim', '-')}, depths {new.model_args.get('depths', '-')}"
+        f"{', from scratch' if not new.init else ''}) under {new.detector} with FPN width {new.fpn_channels}, "
+        f"short sides {new.train_sizes}, {new.epochs} epochs of batch {new.batch_size} (about as many steps as "
+        "the digit-scenes preset, ~10 min on a 2-core CPU); "
+        "choose --model/--epochs/--lr/... to override"
+    )
     return new, why
 
 
@@ -309,7 +341,7 @@ class DetectionTask:
                 logger.info(why)
         cfg = self.cfg
         for split in (self.train_set, self.val_set):
-            if split is not None:        # fitting may have changed the detector: masks only for Mask R-CNN
+            if split is not None:  # fitting may have changed the detector: masks only for Mask R-CNN
                 split.with_masks = cfg.detector == "maskrcnn"
         self.classes = self.train_set.class_names
         self.spec = detector_spec(cfg, len(self.classes))
@@ -317,11 +349,16 @@ class DetectionTask:
         if cfg.grad_checkpointing:
             detector_backbone(self.model).set_grad_checkpointing(True)
         self.ddp = ddp
-        sampler = DistributedSampler(self.train_set, num_replicas=ddp.world, rank=ddp.rank, shuffle=True,
-                                     seed=cfg.seed)
+        sampler = DistributedSampler(self.train_set, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=cfg.seed)
         self.collate = D.MultiScaleCollate(tuple(cfg.train_sizes), max_size=cfg.max_size)
-        self.train_loader = data_loader(self.train_set, cfg.batch_size, sampler, cfg.workers, self.collate,
-                                        drop_last=len(sampler) >= 2 * cfg.batch_size)
+        self.train_loader = data_loader(
+            self.train_set,
+            cfg.batch_size,
+            sampler,
+            cfg.workers,
+            self.collate,
+            drop_last=len(sampler) >= 2 * cfg.batch_size,
+        )
 
     def start_epoch(self, epoch: int) -> None:
         """One size sequence per epoch shared by every rank, so that N processes at batch B/N train on
@@ -331,8 +368,11 @@ class DetectionTask:
     def data_fixes(self) -> dict:
         """What cleaning the annotations fixed or dropped, per split (see CocoDetection.stats)."""
         keys = ("clipped_boxes", "dropped_boxes", "unknown_category", "crowd", "negative_images", "box_masks")
-        return {name: {k: split.stats[k] for k in keys} for name, split in (("train", self.train_set),
-                                                                              ("val", self.val_set)) if split}
+        return {
+            name: {k: split.stats[k] for k in keys}
+            for name, split in (("train", self.train_set), ("val", self.val_set))
+            if split
+        }
 
     def initialise(self, init: str) -> str:
         """--init: the backbone from any classification checkpoint, or a whole swinx detector."""
@@ -354,14 +394,16 @@ class DetectionTask:
 
     def param_groups(self) -> list[dict]:
         return param_groups(self.model.backbone, self.cfg.weight_decay) + [
-            g for g in param_groups(_HeadsOnly(self.model), self.cfg.weight_decay)]
+            g for g in param_groups(_HeadsOnly(self.model), self.cfg.weight_decay)
+        ]
 
     def lr_lambda(self, base_lr: float, steps_per_epoch: int):
         cfg, scale = self.cfg, self.lr_scale
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
         if cfg.schedule == "cosine":
-            return warmup_cosine(base_lr, cfg.min_lr * scale, cfg.warmup_lr * scale, warmup,
-                                 cfg.epochs * steps_per_epoch)
+            return warmup_cosine(
+                base_lr, cfg.min_lr * scale, cfg.warmup_lr * scale, warmup, cfg.epochs * steps_per_epoch
+            )
         return warmup_step(base_lr, cfg.warmup_lr * scale, warmup, [m * steps_per_epoch for m in cfg.milestones])
 
     def loss(self, net: torch.nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -379,16 +421,29 @@ class DetectionTask:
         if self.val_set is None or (epoch % cfg.val_every and epoch != cfg.epochs):
             return {**metrics_row(None, cfg.detector == "maskrcnn"), "data_fixes": self.data_fixes()}
         size = parse_size(cfg.img_size) if cfg.img_size else None
-        result = evaluate_detector(model, self.val_set, device, size=size, ddp=ddp, dtype=dtype,
-                                   batch_size=cfg.batch_size)
-        return {**metrics_row(result, cfg.detector == "maskrcnn"), "data_fixes": self.data_fixes(),
-                "skipped": result["skipped"], "first_unreadable": result["first_unreadable"]}
+        result = evaluate_detector(
+            model, self.val_set, device, size=size, ddp=ddp, dtype=dtype, batch_size=cfg.batch_size
+        )
+        return {
+            **metrics_row(result, cfg.detector == "maskrcnn"),
+            "data_fixes": self.data_fixes(),
+            "skipped": result["skipped"],
+            "first_unreadable": result["first_unreadable"],
+        }
 
     def save_weights(self, model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-        save_detector(model, path, self.spec, self.classes, {"train_config": json.dumps(self.cfg.to_dict()),
-                                                            "label_to_cat_id": json.dumps(
-                                                                self.train_set.label_to_cat_id),
-                                                            "img_size": json.dumps(self.cfg.img_size), **metadata})
+        save_detector(
+            model,
+            path,
+            self.spec,
+            self.classes,
+            {
+                "train_config": json.dumps(self.cfg.to_dict()),
+                "label_to_cat_id": json.dumps(self.train_set.label_to_cat_id),
+                "img_size": json.dumps(self.cfg.img_size),
+                **metadata,
+            },
+        )
 
     def extra_state(self) -> dict:
         return {}
@@ -400,11 +455,13 @@ class DetectionTask:
         cfg, backbone = self.cfg, detector_backbone(self.model)
         c = backbone.config
         params = sum(p.numel() for p in self.model.parameters())
-        return (f"training {cfg.detector} on {cfg.model} (V{c.version}, embed {c.embed_dim}, depths {c.depths}, "
-                f"window {c.window_size}, FPN {cfg.fpn_channels}: {params:,} parameters) on {len(self.train_set):,} "
-                f"images of {dataset_root(cfg)}, {len(self.classes)} classes, short sides {list(cfg.train_sizes)}, "
-                f"{engine.ddp.world} process(es) on {engine.device}, global batch {engine.global_batch}, "
-                f"lr {engine.lr:.2e}, {cfg.epochs} epochs")
+        return (
+            f"training {cfg.detector} on {cfg.model} (V{c.version}, embed {c.embed_dim}, depths {c.depths}, "
+            f"window {c.window_size}, FPN {cfg.fpn_channels}: {params:,} parameters) on {len(self.train_set):,} "
+            f"images of {dataset_root(cfg)}, {len(self.classes)} classes, short sides {list(cfg.train_sizes)}, "
+            f"{engine.ddp.world} process(es) on {engine.device}, global batch {engine.global_batch}, "
+            f"lr {engine.lr:.2e}, {cfg.epochs} epochs"
+        )
 
     def epoch_line(self, row: dict) -> str:
         line = f"epoch {row['epoch']}/{self.cfg.epochs}  train_loss {row['train_loss']:.4f}"
@@ -417,8 +474,10 @@ class DetectionTask:
     def final_line(self, last: dict, best: Best, run_path: Path) -> str:
         if best.epoch is None:
             return f"done: no validation score; checkpoints in {run_path}"
-        return (f"done: best box AP {best.acc1:.3f} at epoch {best.epoch} ({best.weights} weights); "
-                f"checkpoints in {run_path}")
+        return (
+            f"done: best box AP {best.acc1:.3f} at epoch {best.epoch} ({best.weights} weights); "
+            f"checkpoints in {run_path}"
+        )
 
 
 class _HeadsOnly(torch.nn.Module):
@@ -437,13 +496,19 @@ def save_detector(model: torch.nn.Module, path: Path, spec: dict, classes: list[
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "swinx", "task": "detection", "detector": json.dumps(spec), "classes": json.dumps(classes),
-            **metadata}
+    meta = {
+        "format": "swinx",
+        "task": "detection",
+        "detector": json.dumps(spec),
+        "classes": json.dumps(classes),
+        **metadata,
+    }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def train(cfg: DetectConfig, resume: str | Path | None = None, distributed: bool = False,
-          chosen: set[str] | None = None) -> dict:
+def train(
+    cfg: DetectConfig, resume: str | Path | None = None, distributed: bool = False, chosen: set[str] | None = None
+) -> dict:
     """Run (or resume) detection training; returns the last epoch's metrics (see engine.loop.run).
 
     `chosen`: the settings the user set; with `data` given, the others may be fitted to the data.
@@ -469,8 +534,10 @@ def evaluate_run(run_path: Path, cfg: DetectConfig, val_set: D.CocoDetection) ->
         report = eval_report(evaluate_detector(loaded.model, val_set, size=hw, batch_size=cfg.batch_size), hw)
         report["seconds"] = round(time.perf_counter() - started, 1)
         reports.append(report)
-        line = f"eval at {report['img_size'] or 'native size'}: box AP {report['bbox']['AP']:.3f}  " \
-               f"AP50 {report['bbox']['AP50']:.3f}  AP75 {report['bbox']['AP75']:.3f}"
+        line = (
+            f"eval at {report['img_size'] or 'native size'}: box AP {report['bbox']['AP']:.3f}  "
+            f"AP50 {report['bbox']['AP50']:.3f}  AP75 {report['bbox']['AP75']:.3f}"
+        )
         if "segm" in report:
             line += f"  mask AP {report['segm']['AP']:.3f}  AP50 {report['segm']['AP50']:.3f}"
         logger.info(line)

@@ -69,6 +69,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def warmup_cosine(base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int):
     """Multiplier of base_lr at optimizer step s: linear warm-up from warmup_lr, then cosine to min_lr."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             lr = warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
@@ -76,14 +77,17 @@ def warmup_cosine(base_lr: float, min_lr: float, warmup_lr: float, warmup_steps:
             progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
             lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
         return lr / base_lr
+
     return factor
 
 
 def warmup_step(base_lr: float, warmup_lr: float, warmup_steps: int, milestones: list[int], gamma: float = 0.1):
     """Multiplier of base_lr at optimizer step s: linear warm-up, then x`gamma` at each milestone step
     (the detection recipe's step decay, e.g. at epochs 27 and 33 of 36)."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (warmup_lr + (base_lr - warmup_lr) * step / warmup_steps) / base_lr
         return gamma ** sum(step >= m for m in milestones)
+
     return factor

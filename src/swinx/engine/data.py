@@ -47,8 +47,10 @@ def open_image(path: str | os.PathLike, channels: int) -> Image.Image:
 # What Pillow raises on a file that is not an image, is cut short, or is malformed inside.
 READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
+
 def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
 
 class SkippingCollate:
     """Collate that drops `Unreadable` samples and hands them back beside the batch."""

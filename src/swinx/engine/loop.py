@@ -32,8 +32,8 @@ from swinx.engine.data import Unreadable
 from swinx.engine.rundir import RunDir
 
 logger = logging.getLogger("swinx")
-PROGRESS_SECONDS = 0.5    # how often the progress bar redraws
-ESTIMATE_AFTER = 10       # batches of the first epoch after which the run time is estimated
+PROGRESS_SECONDS = 0.5  # how often the progress bar redraws
+ESTIMATE_AFTER = 10  # batches of the first epoch after which the run time is estimated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +98,16 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
 
 
 def data_loader(dataset, batch_size: int, sampler, workers: int, collate_fn, drop_last=False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                      drop_last=drop_last, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +124,9 @@ class Task(Protocol):
     """
 
     cfg: Any
-    model: torch.nn.Module            # the trained module, unwrapped
+    model: torch.nn.Module  # the trained module, unwrapped
     train_loader: DataLoader
-    score_key: str                    # the validation metric that picks best.safetensors (higher is better)
+    score_key: str  # the validation metric that picks best.safetensors (higher is better)
 
     def build(self, ddp: Dist, device: torch.device) -> None: ...
     def initialise(self, source: str) -> str: ...
@@ -147,8 +155,14 @@ class Progress:
         if show and ddp.main:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True,
-                            mininterval=PROGRESS_SECONDS)
+            self.bar = tqdm(
+                total=total,
+                desc=f"epoch {epoch}/{epochs}",
+                unit="batch",
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=PROGRESS_SECONDS,
+            )
 
     def update(self, loss: float, lr: float, images_per_second: float) -> None:
         if self.bar is not None:
@@ -179,16 +193,18 @@ class Engine:
         cfg = task.cfg
         self.task, self.cfg, self.ddp, self.device = task, cfg, ddp, device
         self.dtype = amp_dtype(cfg.amp, device)
-        seed_epoch(cfg.seed, 0, 0)      # the same initial weights on every rank
+        seed_epoch(cfg.seed, 0, 0)  # the same initial weights on every rank
         task.build(ddp, device)
-        self.cfg = cfg = task.cfg        # a task may fit its settings to the data it found
+        self.cfg = cfg = task.cfg  # a task may fit its settings to the data it found
         self.model = task.model
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.steps_per_epoch = -(-len(task.train_loader) // cfg.accum_steps)
         if self.steps_per_epoch == 0:
-            raise TrainError(f"the training split has {len(task.train_loader.dataset)} images, fewer than one batch "
-                             "per process; lower --batch-size")
+            raise TrainError(
+                f"the training split has {len(task.train_loader.dataset)} images, fewer than one batch "
+                "per process; lower --batch-size"
+            )
         self.global_batch = cfg.batch_size * cfg.accum_steps * ddp.world
         self.lr = task.base_lr(self.global_batch)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -206,16 +222,24 @@ class Engine:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if self.ddp.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.optimizer = torch.optim.AdamW(self.task.param_groups(), lr=self.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                          self.task.lr_lambda(self.lr, self.steps_per_epoch))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, self.task.lr_lambda(self.lr, self.steps_per_epoch)
+        )
 
     def state_dict(self, epoch: int, best: Best) -> dict:
-        return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "best": vars(best), **self.task.extra_state()}
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best": vars(best),
+            **self.task.extra_state(),
+        }
 
     def load_state_dict(self, state: dict) -> tuple[int, Best]:
         self.model.load_state_dict(state["model"])
@@ -248,8 +272,10 @@ class Engine:
                 skipped += len(bad)
                 first_bad = first_bad or bad[0]
                 if cfg.max_bad_images is not None and int(skipped) > cfg.max_bad_images:
-                    raise TrainError(f"more than {cfg.max_bad_images} unreadable images in epoch {epoch}, "
-                                     f"e.g. {first_bad.path} ({first_bad.reason})")
+                    raise TrainError(
+                        f"more than {cfg.max_bad_images} unreadable images in epoch {epoch}, "
+                        f"e.g. {first_bad.path} ({first_bad.reason})"
+                    )
             step_now = (i + 1) % cfg.accum_steps == 0 or i + 1 == batches
             if batch is not None:
                 loss, n = self.forward_backward(batch, sync=step_now)
@@ -269,9 +295,14 @@ class Engine:
         for t in (loss_sum, count, skipped):
             ddp.all_sum(t)
         report_unreadable(cfg, ddp, f"epoch {epoch}: training", int(skipped), first_bad)
-        return {"epoch": epoch, "train_loss": float(loss_sum) / max(int(count), 1),
-                "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": round(seconds, 3),
-                "images_per_second": round(int(count) / seconds, 1), "skipped_images": int(skipped)}
+        return {
+            "epoch": epoch,
+            "train_loss": float(loss_sum) / max(int(count), 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": round(seconds, 3),
+            "images_per_second": round(int(count) / seconds, 1),
+            "skipped_images": int(skipped),
+        }
 
     def forward_backward(self, batch, sync: bool) -> tuple[torch.Tensor, int]:
         """Loss of one micro-batch, its gradient accumulated (DDP all-reduces only when `sync`)."""
@@ -302,15 +333,21 @@ class Engine:
         skipped, first = result.pop("skipped", 0), result.pop("first_unreadable", None)
         row.update(result)
         row["skipped_images"] += skipped
-        report_unreadable(self.cfg, self.ddp, f"epoch {row['epoch']}: validation", skipped, first,
-                          row["skipped_images"])
+        report_unreadable(
+            self.cfg, self.ddp, f"epoch {row['epoch']}: validation", skipped, first, row["skipped_images"]
+        )
         if self.ema is not None:
             ema = self.task.validate(self.ema.module, self.ddp, self.device, self.dtype, row["epoch"])
             row.update({f"ema_{k}": v for k, v in ema.items() if k.startswith("val_")})
 
 
-def run(task: Task, resume: str | Path | None = None, distributed: bool = False,
-        default_out: Callable[[], Path] | None = None, resume_command: str = "swinx train") -> dict:
+def run(
+    task: Task,
+    resume: str | Path | None = None,
+    distributed: bool = False,
+    default_out: Callable[[], Path] | None = None,
+    resume_command: str = "swinx train",
+) -> dict:
     """Run (or resume) training; returns the last epoch's metrics. Rank 0 writes the run directory.
 
     `distributed=True` joins the process group that torchrun set up (one process per device).
@@ -362,8 +399,16 @@ def run(task: Task, resume: str | Path | None = None, distributed: bool = False,
                 best_model = None
                 if improved:
                     best_model = (engine.ema.module if best.weights == "ema" else engine.model, best.weights)
-                run_dir.save_epoch(epoch, rows, engine.state_dict(epoch, best), engine.model, best_model,
-                                   {"epoch": str(epoch)}, task.save_weights, task.score_key)
+                run_dir.save_epoch(
+                    epoch,
+                    rows,
+                    engine.state_dict(epoch, best),
+                    engine.model,
+                    best_model,
+                    {"epoch": str(epoch)},
+                    task.save_weights,
+                    task.score_key,
+                )
                 if writer is not None:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
@@ -372,8 +417,10 @@ def run(task: Task, resume: str | Path | None = None, distributed: bool = False,
             say(task.epoch_line(row))
     except KeyboardInterrupt:
         if run_dir is not None:
-            logger.warning(f"interrupted in epoch {epoch}; the last finished epoch is saved. Continue with: "
-                           f"{resume_command} --resume {run_path}")
+            logger.warning(
+                f"interrupted in epoch {epoch}; the last finished epoch is saved. Continue with: "
+                f"{resume_command} --resume {run_path}"
+            )
         raise
     finally:
         if writer is not None:
@@ -389,12 +436,15 @@ def run(task: Task, resume: str | Path | None = None, distributed: bool = False,
 def estimate_line(epoch_seconds: float, epochs_left: int) -> str:
     total = epoch_seconds * epochs_left
     when = time.strftime("%H:%M", time.localtime(time.time() + total))
-    return (f"estimated training time: {total / 60:.1f} min ({epoch_seconds:.0f} s per epoch x {epochs_left} epochs, "
-            f"from the first batches; validation adds to it), done about {when}")
+    return (
+        f"estimated training time: {total / 60:.1f} min ({epoch_seconds:.0f} s per epoch x {epochs_left} epochs, "
+        f"from the first batches; validation adds to it), done about {when}"
+    )
 
 
-def report_unreadable(cfg, ddp: Dist, where: str, skipped: int, first: Unreadable | None,
-                      epoch_total: int | None = None) -> None:
+def report_unreadable(
+    cfg, ddp: Dist, where: str, skipped: int, first: Unreadable | None, epoch_total: int | None = None
+) -> None:
     """Warn about skipped images (naming the first one this rank saw); stop when the epoch's total
     (training and validation) passes --max-bad-images."""
     if not skipped:
@@ -402,8 +452,9 @@ def report_unreadable(cfg, ddp: Dist, where: str, skipped: int, first: Unreadabl
     example = f", e.g. {first.path} ({first.reason})" if first is not None else ""
     total = skipped if epoch_total is None else epoch_total
     if cfg.max_bad_images is not None and total > cfg.max_bad_images:
-        raise TrainError(f"{where}: {total} unreadable image(s) this epoch, more than --max-bad-images "
-                         f"{cfg.max_bad_images}{example}")
+        raise TrainError(
+            f"{where}: {total} unreadable image(s) this epoch, more than --max-bad-images {cfg.max_bad_images}{example}"
+        )
     if ddp.main:
         logger.warning(f"warning: {where}: skipped {skipped} unreadable image(s){example}")
 
@@ -412,8 +463,9 @@ def ranks_in_sync(model: torch.nn.Module, ddp: Dist) -> bool:
     """True when every rank holds bitwise the same weights (compared through a float64 checksum)."""
     with torch.no_grad():
         flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        checksum = torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=torch.float64,
-                                                                  device=flat.device).sin()).sum()])
+        checksum = torch.stack(
+            [flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=torch.float64, device=flat.device).sin()).sum()]
+        )
         gathered = [torch.empty_like(checksum) for _ in range(ddp.world)]
         dist.all_gather(gathered, checksum)
     return all(torch.equal(g, gathered[0]) for g in gathered)

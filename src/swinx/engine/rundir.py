@@ -32,8 +32,9 @@ class RunDir:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise TrainError(f"cannot write to output directory {path}: {e.strerror or e}; "
-                             "pick another with --out DIR") from e
+            raise TrainError(
+                f"cannot write to output directory {path}: {e.strerror or e}; pick another with --out DIR"
+            ) from e
         return RunDir(path)
 
     def file(self, name: str) -> Path:
@@ -56,7 +57,7 @@ class RunDir:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                break     # a line cut short by a kill: everything before it is whole
+                break  # a line cut short by a kill: everything before it is whole
         return rows
 
     def write_metrics(self, rows: list[dict]) -> None:
@@ -74,9 +75,10 @@ class RunDir:
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
         first = rows[0] if rows else {}
         if any(r.get("val_loss") is not None for r in rows):
-            ax_loss.plot(epochs, [float("nan") if r.get("val_loss") is None else r["val_loss"] for r in rows],
-                         label="val")
-        family = score_key.rstrip("0123456789")      # val_acc1 -> val_acc: top-1 and top-5 together
+            ax_loss.plot(
+                epochs, [float("nan") if r.get("val_loss") is None else r["val_loss"] for r in rows], label="val"
+            )
+        family = score_key.rstrip("0123456789")  # val_acc1 -> val_acc: top-1 and top-5 together
         for key in [k for k in first if k.startswith(family)]:
             for name in (key, f"ema_{key}"):
                 if any(r.get(name) is not None for r in rows):
@@ -92,9 +94,17 @@ class RunDir:
         atomic_write(self.file("curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
 
-    def save_epoch(self, epoch: int, rows: list[dict], state: dict, model: torch.nn.Module,
-                   best: tuple[torch.nn.Module, str] | None, metadata: dict[str, str],
-                   save_weights: Callable[[torch.nn.Module, Path, dict[str, str]], None], score_key: str) -> None:
+    def save_epoch(
+        self,
+        epoch: int,
+        rows: list[dict],
+        state: dict,
+        model: torch.nn.Module,
+        best: tuple[torch.nn.Module, str] | None,
+        metadata: dict[str, str],
+        save_weights: Callable[[torch.nn.Module, Path, dict[str, str]], None],
+        score_key: str,
+    ) -> None:
         """metrics.jsonl first, then the resume state, then the weights, then `best` = (model, "model"
         or "ema") when it improved. `save_weights(model, path, metadata)` is the task's format.
 
@@ -108,8 +118,10 @@ class RunDir:
             if best is not None:
                 save_weights(best[0], self.file("best.safetensors"), {**metadata, "weights": best[1]})
         except OSError as e:
-            raise TrainError(f"could not save the epoch {epoch} checkpoint in {self.path}: {e.strerror or e}; "
-                             "the previous checkpoint is intact") from e
+            raise TrainError(
+                f"could not save the epoch {epoch} checkpoint in {self.path}: {e.strerror or e}; "
+                "the previous checkpoint is intact"
+            ) from e
         try:
             self.plot(rows, score_key)
         except OSError as e:
@@ -120,8 +132,9 @@ class RunDir:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError as e:
-            raise TrainError(f"{path} does not exist: the run has no finished epoch to resume from; "
-                             "start it again without --resume") from e
+            raise TrainError(
+                f"{path} does not exist: the run has no finished epoch to resume from; start it again without --resume"
+            ) from e
         except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing to the user
             raise TrainError(f"cannot read resume state {path}: {e}") from e
         if state.get("format") != STATE_FORMAT:

@@ -31,8 +31,17 @@ class WindowAttention(nn.Module):
     additive bias) are computed once per geometry, device and dtype and cached.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, version: int = 1, pretrained_window_size: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        version: int = 1,
+        pretrained_window_size: int = 0,
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -51,7 +60,9 @@ class WindowAttention(nn.Module):
             self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-            self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+            self.cpb_mlp = nn.Sequential(
+                nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+            )
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._cache: dict[tuple, torch.Tensor] = {}
@@ -100,6 +111,7 @@ class WindowAttention(nn.Module):
 
     def attention_bias(self, geometry: WindowGeometry, padded: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """Additive bias (1 or nW, heads, N, N): position bias plus shift mask, in `dtype`."""
+
         def build() -> torch.Tensor:
             bias = self.position_bias(geometry.window)[None]
             mask = self.shift_mask(geometry, padded)
@@ -139,8 +151,14 @@ class WindowAttention(nn.Module):
         return position[None] + mask[:, None]
 
     # ----- attention -----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, geometry: WindowGeometry | None = None, padded: tuple[int, int] | None = None,
-                return_attn: bool = False, bias: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        geometry: WindowGeometry | None = None,
+        padded: tuple[int, int] | None = None,
+        return_attn: bool = False,
+        bias: torch.Tensor | None = None,
+    ):
         """x: (B, nW, N, C) windows of a padded map cut by `geometry`.
 
         Returns (B, nW, N, C), and with `return_attn` also the attention (B, nW, heads, N, N),
@@ -158,7 +176,7 @@ class WindowAttention(nn.Module):
             tau = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
             q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
         else:
-            scale = D ** -0.5
+            scale = D**-0.5
         bias = self.attention_bias(geometry, padded, q.dtype) if bias is None else bias.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
 
@@ -168,12 +186,15 @@ class WindowAttention(nn.Module):
             # The mask must be 4-D: PyTorch's fused CPU kernel takes a 4-D mask only and silently
             # falls back to the unfused math (3-4x slower) for a 3-D one.
             # Exported, the bias has a row per window (`indexed_bias`); asking would guard on the size.
-            if not torch.compiler.is_exporting() and bias.shape[0] == 1:  # one bias for all windows: fold windows into the batch
+            if (
+                not torch.compiler.is_exporting() and bias.shape[0] == 1
+            ):  # one bias for all windows: fold windows into the batch
                 shape, mask = (B * nW, heads, N, D), bias  # mask (1, heads, N, N)
             else:  # a bias per window: fold windows into the heads
                 shape, mask = (B, nW * heads, N, D), bias.reshape(1, nW * heads, N, N)
-            out = F.scaled_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                                 attn_mask=mask, dropout_p=drop, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask, dropout_p=drop, scale=scale
+            )
             out = out.view(B, nW, heads, N, D)
         else:
             attn = torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1)  # (B, nW, heads, N, N)
@@ -183,5 +204,7 @@ class WindowAttention(nn.Module):
         return (out, attn) if return_attn else out
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, heads={self.num_heads}, window={self.window_size}, v{self.version}, "
-                f"pretrained_window={self.pretrained_window_size}, fused={self.fused}")
+        return (
+            f"dim={self.dim}, heads={self.num_heads}, window={self.window_size}, v{self.version}, "
+            f"pretrained_window={self.pretrained_window_size}, fused={self.fused}"
+        )

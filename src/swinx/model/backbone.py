@@ -44,8 +44,14 @@ class SwinBackbone(SwinTrunk):
     Stages after the last output index are built (checkpoints load strictly) but not run.
     """
 
-    def __init__(self, config: SwinConfig | None = None, out_indices: Sequence[int] = (0, 1, 2, 3),
-                 frozen_stages: int = -1, norm_eval: bool = False, **overrides):
+    def __init__(
+        self,
+        config: SwinConfig | None = None,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        **overrides,
+    ):
         config = (config or SwinConfig()).replace(**overrides) if overrides else (config or SwinConfig())
         if config.num_classes:
             config = config.replace(num_classes=0)  # no classifier: keep the config honest
@@ -53,15 +59,16 @@ class SwinBackbone(SwinTrunk):
         stages = len(config.depths)
         indices = sorted({int(i) + stages if int(i) < 0 else int(i) for i in out_indices})  # -1: the last stage
         if not indices or any(not 0 <= i < stages for i in indices):
-            raise ValueError(f"out_indices must name stages 0..{stages - 1} (or -{stages}..-1), "
-                             f"got {tuple(out_indices)}")
+            raise ValueError(
+                f"out_indices must name stages 0..{stages - 1} (or -{stages}..-1), got {tuple(out_indices)}"
+            )
         if not -1 <= frozen_stages <= stages:
             raise ValueError(f"frozen_stages must be -1 (none) .. {stages} (all), got {frozen_stages}")
         self.out_indices = tuple(indices)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.channels = [config.embed_dim * 2 ** i for i in self.out_indices]
-        self.strides = [config.patch_size * 2 ** i for i in self.out_indices]
+        self.channels = [config.embed_dim * 2**i for i in self.out_indices]
+        self.strides = [config.patch_size * 2**i for i in self.out_indices]
         for i, channels in zip(self.out_indices, self.channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         self.apply(self._init_weights)
@@ -98,16 +105,24 @@ class SwinBackbone(SwinTrunk):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = self.stage_outputs(x, self.out_indices[-1] + 1)
-        return OrderedDict((str(i), getattr(self, f"norm{i}")(maps[i]).permute(0, 3, 1, 2).contiguous())
-                           for i in self.out_indices)
+        return OrderedDict(
+            (str(i), getattr(self, f"norm{i}")(maps[i]).permute(0, 3, 1, 2).contiguous()) for i in self.out_indices
+        )
 
     def extra_repr(self) -> str:
-        return (f"out_indices={self.out_indices}, channels={self.channels}, strides={self.strides}, "
-                f"frozen_stages={self.frozen_stages}, norm_eval={self.norm_eval}, small_map={self.small_map!r}")
+        return (
+            f"out_indices={self.out_indices}, channels={self.channels}, strides={self.strides}, "
+            f"frozen_stages={self.frozen_stages}, norm_eval={self.norm_eval}, small_map={self.small_map!r}"
+        )
 
 
-def create_backbone(name: str = "swin_t", out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
-                    norm_eval: bool = False, **overrides) -> SwinBackbone:
+def create_backbone(
+    name: str = "swin_t",
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
+    **overrides,
+) -> SwinBackbone:
     """A named variant (any `create_model` name) as a dense backbone; SwinConfig fields can be overridden,
     e.g. create_backbone("swin_t", drop_path_rate=0.2, small_map="pad_shift")."""
     from swinx.model.variants import get_config

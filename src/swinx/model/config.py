@@ -59,8 +59,8 @@ class SwinConfig:
         if self.small_map not in SMALL_MAP_POLICIES:
             problems.append(f"small_map must be one of {SMALL_MAP_POLICIES}, got {self.small_map!r}")
         for i, heads in enumerate(self.num_heads):
-            if (self.embed_dim * 2 ** i) % heads:
-                problems.append(f"stage {i}: {self.embed_dim * 2 ** i} channels are not divisible by {heads} heads")
+            if (self.embed_dim * 2**i) % heads:
+                problems.append(f"stage {i}: {self.embed_dim * 2**i} channels are not divisible by {heads} heads")
         if min(self.patch_size, self.window_size, self.in_chans, self.embed_dim) < 1 or self.num_classes < 0:
             problems.append("patch_size, window_size, in_chans and embed_dim must be positive, num_classes >= 0")
         if problems:

@@ -15,8 +15,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-HAS_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
-                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 _enabled = True
@@ -34,8 +33,14 @@ def plain_ops():
 
 
 def _onednn_usable(x: torch.Tensor) -> bool:
-    return (_enabled and HAS_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in _DTYPES
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    return (
+        _enabled
+        and HAS_ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
 
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -58,23 +63,24 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad2d = grad.reshape(-1, grad.shape[-1])                      # (M, out)
+        grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad2d, weight.t().contiguous(), None).view(x.shape)   # (M, in)
+            grad_x = _onednn(grad2d, weight.t().contiguous(), None).view(x.shape)  # (M, in)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(grad2d.t(), x.reshape(-1, x.shape[-1]))           # (out, in)
+            grad_w = torch.mm(grad2d.t(), x.reshape(-1, x.shape[-1]))  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad2d.sum(0)
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False,
-           fast: bool = True) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False, fast: bool = True
+) -> torch.Tensor:
     """F.linear (then exact erf GELU when `gelu`), through oneDNN on the CPU where it is available."""
     if not (fast and _onednn_usable(x)):
         return _plain(x, weight, bias, gelu)
-    if torch.is_autocast_enabled("cpu"):      # do what autocast would have done for F.linear
+    if torch.is_autocast_enabled("cpu"):  # do what autocast would have done for F.linear
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
-def relative_position_index(window: tuple[int, int], table_window: tuple[int, int] | None = None,
-                            device: torch.device | None = None) -> torch.Tensor:
+def relative_position_index(
+    window: tuple[int, int], table_window: tuple[int, int] | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """(N, N) long index of each token pair of a window into a (2Mh - 1) * (2Mw - 1) bias table.
 
     Token pair (i, j) with offset (dy, dx) reads entry (dy + Mh - 1) * (2Mw - 1) + (dx + Mw - 1).
@@ -17,15 +18,20 @@ def relative_position_index(window: tuple[int, int], table_window: tuple[int, in
     than the table was trained for) reads the central entries, i.e. the same offsets.
     """
     mh, mw = table_window or window
-    ys, xs = torch.meshgrid(torch.arange(window[0], device=device), torch.arange(window[1], device=device),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing="ij"
+    )
     coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, N)
     offsets = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
     return (offsets[0] + mh - 1) * (2 * mw - 1) + (offsets[1] + mw - 1)
 
 
-def log_spaced_coords(window: tuple[int, int], pretrained_window: tuple[int, int] = (0, 0),
-                      device: torch.device | None = None, scale_window: tuple[int, int] | None = None) -> torch.Tensor:
+def log_spaced_coords(
+    window: tuple[int, int],
+    pretrained_window: tuple[int, int] = (0, 0),
+    device: torch.device | None = None,
+    scale_window: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """V2 continuous position coordinates, ((2wh - 1) * (2ww - 1), 2), rows (dy, dx) in table order.
 
     Offsets are normalised by the pretrained window (or the window itself, or

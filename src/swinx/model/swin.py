@@ -15,12 +15,22 @@ from torchvision.ops import StochasticDepth
 from swinx.model import ops
 from swinx.model.attention import WindowAttention
 from swinx.model.config import SwinConfig
-from swinx.model.windows import (cyclic_shift, pad_map, round_up, window_geometry, window_index, window_partition,
-                      window_reverse)
+from swinx.model.windows import (
+    cyclic_shift,
+    pad_map,
+    round_up,
+    window_geometry,
+    window_index,
+    window_partition,
+    window_reverse,
+)
 
 
 class PatchEmbed(nn.Module):
-    """(B, in_chans, H, W) -> (B, ceil(H/p), ceil(W/p), embed_dim) by a strided conv; the image is zero-padded to a multiple of p."""
+    """(B, in_chans, H, W) -> (B, ceil(H/p), ceil(W/p), embed_dim) by a strided conv.
+
+    The image is zero-padded to a multiple of p first.
+    """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool):
         super().__init__()
@@ -83,14 +93,27 @@ class SwinBlock(nn.Module):
     V2 is residual post-norm: x + norm1(attn(x)), then x + norm2(mlp(x)).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 version: int = 1, pretrained_window_size: int = 0, small_map: str = "clamp"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        version: int = 1,
+        pretrained_window_size: int = 0,
+        small_map: str = "clamp",
+    ):
         super().__init__()
         self.window_size, self.shift_size, self.version, self.small_map = window_size, shift_size, version, small_map
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop, version,
-                                    pretrained_window_size)
+        self.attn = WindowAttention(
+            dim, num_heads, window_size, qkv_bias, attn_drop, drop, version, pretrained_window_size
+        )
         self.drop_path = StochasticDepth(drop_path, "row")
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -118,7 +141,7 @@ class SwinBlock(nn.Module):
         out = self.attn(windows, geometry, padded, return_attn)
         windows, attn = out if return_attn else (out, None)
         x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
-        if post_norm is not None:   # V2's norm is per token: applied before the crop, on a contiguous map
+        if post_norm is not None:  # V2's norm is per token: applied before the crop, on a contiguous map
             x = post_norm(x)
         if torch.compiler.is_compiling():
             # Always crop, into a fresh contiguous map: whether a crop view is contiguous depends
@@ -147,15 +170,36 @@ class SwinBlock(nn.Module):
 class SwinStage(nn.Module):
     """A run of blocks alternating regular and shifted windows, then (except in the last stage) patch merging."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, drop_paths: list[float],
-                 downsample: bool, config: SwinConfig, pretrained_window_size: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        drop_paths: list[float],
+        downsample: bool,
+        config: SwinConfig,
+        pretrained_window_size: int = 0,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, config.mlp_ratio,
-                      config.qkv_bias, config.drop_rate, config.attn_drop_rate, drop_paths[i], config.version,
-                      pretrained_window_size, config.small_map)
-            for i in range(depth))
+            SwinBlock(
+                dim,
+                num_heads,
+                window_size,
+                0 if i % 2 == 0 else window_size // 2,
+                config.mlp_ratio,
+                config.qkv_bias,
+                config.drop_rate,
+                config.attn_drop_rate,
+                drop_paths[i],
+                config.version,
+                pretrained_window_size,
+                config.small_map,
+            )
+            for i in range(depth)
+        )
         self.downsample = PatchMerging(dim, config.version) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,9 +239,18 @@ class SwinTrunk(nn.Module):
         self.layers = nn.ModuleList()
         for i, depth in enumerate(c.depths):
             start = sum(c.depths[:i])
-            self.layers.append(SwinStage(c.embed_dim * 2 ** i, depth, c.num_heads[i], c.window_size,
-                                         rates[start:start + depth], i < len(c.depths) - 1, c,
-                                         c.pretrained_window_sizes[i]))
+            self.layers.append(
+                SwinStage(
+                    c.embed_dim * 2**i,
+                    depth,
+                    c.num_heads[i],
+                    c.window_size,
+                    rates[start : start + depth],
+                    i < len(c.depths) - 1,
+                    c,
+                    c.pretrained_window_sizes[i],
+                )
+            )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -240,16 +293,23 @@ class SwinTrunk(nn.Module):
     # ----- forward --------------------------------------------------------------------------
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of shape (B, {self.config.in_chans}, H, W), got {type(x).__name__}")
+            raise TypeError(
+                f"expected a torch.Tensor of shape (B, {self.config.in_chans}, H, W), got {type(x).__name__}"
+            )
         if x.dim() != 4:
             hint = " (a single image: add the batch axis with x.unsqueeze(0))" if x.dim() == 3 else ""
-            raise ValueError(f"expected a 4-D input (B, {self.config.in_chans}, H, W), got shape {tuple(x.shape)}{hint}")
+            raise ValueError(
+                f"expected a 4-D input (B, {self.config.in_chans}, H, W), got shape {tuple(x.shape)}{hint}"
+            )
         if x.shape[1] != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels, got {x.shape[1]} (input shape "
-                             f"{tuple(x.shape)}); convert the images, or build the model with in_chans={x.shape[1]}")
+            raise ValueError(
+                f"expected {self.config.in_chans} input channels, got {x.shape[1]} (input shape "
+                f"{tuple(x.shape)}); convert the images, or build the model with in_chans={x.shape[1]}"
+            )
         if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point input, got {x.dtype}; convert it, e.g. x.float() / 255, "
-                            "then normalise")
+            raise TypeError(
+                f"expected a floating-point input, got {x.dtype}; convert it, e.g. x.float() / 255, then normalise"
+            )
         if x.shape[0] == 0:
             raise ValueError("empty batch: the input has batch size 0")
         p = self.config.patch_size
@@ -267,8 +327,9 @@ class SwinTrunk(nn.Module):
         gh, gw = self.grid_size
         pos = self.absolute_pos_embed.reshape(1, gh, gw, -1)
         if torch.compiler.is_exporting() or (height, width) != (gh, gw):  # bicubic to the same size is exact
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(height, width), mode="bicubic",
-                                align_corners=False).permute(0, 2, 3, 1)
+            pos = F.interpolate(
+                pos.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False
+            ).permute(0, 2, 3, 1)
         return pos
 
     def stage_outputs(self, x: torch.Tensor, stages: int | None = None) -> list[torch.Tensor]:

@@ -32,8 +32,10 @@ def _aliases() -> dict[str, tuple[str, dict]]:
         aliases[f"swin_{size}_patch4_window7_224_22k"] = (base, {"num_classes": _IN22K})
         if size in ("base", "large"):
             aliases[f"swin_{size}_patch4_window12_384"] = (base, {"img_size": 384, "window_size": 12})
-            aliases[f"swin_{size}_patch4_window12_384_22k"] = (base, {"img_size": 384, "window_size": 12,
-                                                                      "num_classes": _IN22K})
+            aliases[f"swin_{size}_patch4_window12_384_22k"] = (
+                base,
+                {"img_size": 384, "window_size": 12, "num_classes": _IN22K},
+            )
     for size, base in (("tiny", "swinv2_t"), ("small", "swinv2_s"), ("base", "swinv2_b")):
         for window in (8, 16):
             over = {"window_size": window}
@@ -67,8 +69,10 @@ def get_config(name: str = "swin_t", **overrides) -> SwinConfig:
         base, extra = ALIASES[name]
     else:
         close = [n for n in list_models() if name.split("_")[0] in n][:8]
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(VARIANTS)} "
-                         f"(and {len(ALIASES)} official/timm aliases, see swinx.list_models()). Close: {close}")
+        raise ValueError(
+            f"unknown model {name!r}; known: {', '.join(VARIANTS)} "
+            f"(and {len(ALIASES)} official/timm aliases, see swinx.list_models()). Close: {close}"
+        )
     return VARIANTS[base].replace(**{**extra, **overrides})
 
 

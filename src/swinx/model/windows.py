@@ -129,14 +129,16 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, int], height: int, 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, height, width, C)
 
 
-def region_labels(height: int, width: int, window: tuple[int, int], shift: tuple[int, int],
-                  device: torch.device | None = None) -> torch.Tensor:
+def region_labels(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
     """(height, width) long map of the nine shifted regions, labelled 0..8 (row region * 3 + column region).
 
     Along an axis the regions are [0, L - window), [L - window, L - shift), [L - shift, L):
     after the roll, tokens from the last region sit next to tokens from the first one
     although they were far apart in the image. An axis without shift is one region.
     """
+
     def axis_labels(length: int, w: int, s: int) -> torch.Tensor:
         idx = torch.arange(length, device=device)
         if s == 0:
@@ -148,8 +150,9 @@ def region_labels(height: int, width: int, window: tuple[int, int], shift: tuple
     return rows[:, None] * 3 + cols[None, :]
 
 
-def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int],
-               device: torch.device | None = None) -> torch.Tensor | None:
+def shift_mask(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor | None:
     """Additive attention mask (nW, N, N) for a padded (height, width) map, or None without shift.
 
     Pairs of tokens from different regions get MASK_FILL, pairs from the same region 0.
@@ -172,16 +175,17 @@ class WindowIndex(NamedTuple):
     the window count.
     """
 
-    gather: torch.Tensor   # (nW * M * M,) source of each slot in the flattened map + a zero token (nW counts the spare)
+    gather: torch.Tensor  # (nW * M * M,) source of each slot in the flattened map + a zero token (nW counts the spare)
     scatter: torch.Tensor  # (H * W,) slot of each token in the flattened windows
-    labels: torch.Tensor   # (nW, M * M) shifted region of each slot: different labels may not attend
-    used: torch.Tensor     # (M * M,) bool: the slot lies inside the (clamped) window
+    labels: torch.Tensor  # (nW, M * M) shifted region of each slot: different labels may not attend
+    used: torch.Tensor  # (M * M,) bool: the slot lies inside the (clamped) window
     num_windows: int
-    window: int            # the window actually used (M, or the clamped w)
+    window: int  # the window actually used (M, or the clamped w)
 
 
-def window_index(height: int, width: int, window: int, shift: int, small_map: str = "clamp",
-                 device: torch.device | None = None) -> WindowIndex:
+def window_index(
+    height: int, width: int, window: int, shift: int, small_map: str = "clamp", device: torch.device | None = None
+) -> WindowIndex:
     """The `WindowIndex` of a block with nominal `window` and `shift` on an (height, width) map.
 
     Equivalent to pad_map, cyclic_shift, window_partition and region_labels with
@@ -191,8 +195,8 @@ def window_index(height: int, width: int, window: int, shift: int, small_map: st
     """
     geometry = window_geometry(height, width, window, shift, small_map)
     w, (sh, sw), M = geometry.window[0], geometry.shift, window
-    rows, cols = ceil_div(height, w), ceil_div(width, w)   # windows along each axis
-    Hp, Wp = rows * w, cols * w                     # the padded map
+    rows, cols = ceil_div(height, w), ceil_div(width, w)  # windows along each axis
+    Hp, Wp = rows * w, cols * w  # the padded map
     slots = M * M
     # One spare window at the end, all padding: a window count of 1 (a small last stage) would
     # otherwise be a special case that symbolic shape checks specialise the exported graph on.
@@ -201,12 +205,13 @@ def window_index(height: int, width: int, window: int, shift: int, small_map: st
     win, slot = k // slots, k % slots
     i, j = slot // M, slot % M
     r, c = (win // cols) * w + i, _mod(win, cols) * w + j  # the slot's place in the rolled, padded map
-    pr, pc = _mod(r + sh, Hp), _mod(c + sw, Wp)              # where the roll by -shift took it from
+    pr, pc = _mod(r + sh, Hp), _mod(c + sw, Wp)  # where the roll by -shift took it from
     real = (i < w) & (j < w) & (pr < height) & (pc < width) & (win < rows * cols)
     gather = torch.where(real, pr * width + pc, height * width)
     # The nine regions live in rolled coordinates: [0, L - w), [L - w, L - s), [L - s, L) per axis.
-    labels = (((r >= Hp - w).long() + (r >= Hp - sh).long()) * 3
-              + (c >= Wp - w).long() + (c >= Wp - sw).long()).view(num_windows, slots)
+    labels = (((r >= Hp - w).long() + (r >= Hp - sh).long()) * 3 + (c >= Wp - w).long() + (c >= Wp - sw).long()).view(
+        num_windows, slots
+    )
     r0, c0 = torch.arange(height, device=device)[:, None], torch.arange(width, device=device)[None, :]
     rr, rc = _mod(r0 - sh, Hp), _mod(c0 - sw, Wp)
     scatter = ((rr // w) * cols + rc // w) * slots + _mod(rr, w) * M + _mod(rc, w)

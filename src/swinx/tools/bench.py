@@ -19,18 +19,29 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from swinx.weights.checkpoint import export_state_dict
-from swinx.tools.flops import macs
 from swinx.model.swin import SwinTransformer
 from swinx.model.variants import create_model
+from swinx.tools.flops import macs
+from swinx.weights.checkpoint import export_state_dict
 
 # Our variant name -> the peer's name for the same architecture.
-TIMM_NAMES = {"swin_t": "swin_tiny_patch4_window7_224", "swin_s": "swin_small_patch4_window7_224",
-              "swin_b": "swin_base_patch4_window7_224", "swin_l": "swin_large_patch4_window7_224",
-              "swinv2_t": "swinv2_tiny_window8_256", "swinv2_s": "swinv2_small_window8_256",
-              "swinv2_b": "swinv2_base_window8_256"}
-TORCHVISION_NAMES = {"swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b",
-                     "swinv2_t": "swin_v2_t", "swinv2_s": "swin_v2_s", "swinv2_b": "swin_v2_b"}
+TIMM_NAMES = {
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window7_224",
+    "swin_l": "swin_large_patch4_window7_224",
+    "swinv2_t": "swinv2_tiny_window8_256",
+    "swinv2_s": "swinv2_small_window8_256",
+    "swinv2_b": "swinv2_base_window8_256",
+}
+TORCHVISION_NAMES = {
+    "swin_t": "swin_t",
+    "swin_s": "swin_s",
+    "swin_b": "swin_b",
+    "swinv2_t": "swin_v2_t",
+    "swinv2_s": "swin_v2_s",
+    "swinv2_b": "swin_v2_b",
+}
 PEERS = ("timm", "torchvision")
 
 
@@ -40,13 +51,13 @@ class BenchSpec:
 
     model: str = "swin_t"
     batch: int = 8
-    img_size: int | None = None          # default: the variant's
-    mode: str = "infer"                  # infer | train (forward, backward, AdamW step)
-    dtype: str = "float32"               # float32 | bfloat16 (autocast)
+    img_size: int | None = None  # default: the variant's
+    mode: str = "infer"  # infer | train (forward, backward, AdamW step)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False
     device: str = "cpu"
-    repeats: int = 7                     # interleaved rounds; the median is reported
-    min_seconds: float = 0.5             # each timed round runs at least this long
+    repeats: int = 7  # interleaved rounds; the median is reported
+    min_seconds: float = 0.5  # each timed round runs at least this long
     warmup: int = 2
 
 
@@ -62,12 +73,12 @@ class Result:
     device: str
     threads: int
     torch: str
-    median_ms: float                     # per batch
+    median_ms: float  # per batch
     images_per_second: float
     rounds_ms: list[float] = field(default_factory=list)
-    speedup_of_swinx: float | None = None   # their median / ours (>1: swinx is faster)
+    speedup_of_swinx: float | None = None  # their median / ours (>1: swinx is faster)
     peak_memory_mb: float | None = None
-    max_abs_diff: float | None = None    # output vs swinx's
+    max_abs_diff: float | None = None  # output vs swinx's
     gmacs_per_image: float | None = None
     fraction_of_matmul_peak: float | None = None
 
@@ -139,8 +150,9 @@ class OnnxRuntimeModel(torch.nn.Module):
 # Timing
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, min_seconds: float,
-                warmup: int) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, min_seconds: float, warmup: int
+) -> dict[str, list[float]]:
     """Seconds per call of each function, `repeats` rounds each, the functions taking turns.
 
     The order rotates every round so that no implementation always runs first (or right
@@ -152,14 +164,14 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
             fns[name]()
     synchronize(device)
     calls = {}
-    for name in names:            # calls per round so that a round lasts at least min_seconds
+    for name in names:  # calls per round so that a round lasts at least min_seconds
         start = time.perf_counter()
         fns[name]()
         synchronize(device)
         calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
     rounds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             rounds[name].append(_time(fns[name], calls[name], device))
     return rounds
@@ -197,8 +209,12 @@ def process_peak_rss(spec: BenchSpec, impl: str) -> float:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "swinx.tools.bench", json.dumps(asdict(spec)), impl],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "swinx.tools.bench", json.dumps(asdict(spec)), impl],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement of {impl} failed: {done.stderr[-2000:]}")
     return float(done.stdout.split()[-1])
@@ -221,11 +237,12 @@ def _rss_main(spec_json: str, impl: str) -> None:
         fn()
     # VmHWM, not getrusage's ru_maxrss: on Linux a child inherits its parent's ru_maxrss across exec.
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-    print(int(status["VmHWM"].split()[0]) / 1024)     # kB -> MB
+    print(int(status["VmHWM"].split()[0]) / 1024)  # kB -> MB
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n: int = 2048,
-                repeats: int = 5) -> dict[str, float]:
+def matmul_rate(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n: int = 2048, repeats: int = 5
+) -> dict[str, float]:
     """The machine's dense matmul rate in FLOP/s (median of `repeats` n x n x n products), per kernel.
 
     On the CPU both PyTorch's default (`torch.mm`, BLAS) and oneDNN's linear are measured:
@@ -241,7 +258,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device =
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     with torch.inference_mode():
         rounds = interleaved(kernels, device, repeats, 0.3, 1)
-    return {name: 2 * n ** 3 / statistics.median(times) for name, times in rounds.items()}
+    return {name: 2 * n**3 / statistics.median(times) for name, times in rounds.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +275,7 @@ def workload(net: torch.nn.Module, spec: BenchSpec, x: torch.Tensor, labels: tor
         def infer():
             with torch.inference_mode(), torch.autocast(device_type, torch.bfloat16, enabled=autocast):
                 return net(x)
+
         return infer
     if spec.mode != "train":
         raise ValueError(f"mode must be infer or train, got {spec.mode!r}")
@@ -271,11 +289,13 @@ def workload(net: torch.nn.Module, spec: BenchSpec, x: torch.Tensor, labels: tor
         loss.backward()
         optimizer.step()
         return loss
+
     return step
 
 
-def compare(spec: BenchSpec, impls: tuple[str, ...] = ("swinx",), memory: bool = True,
-            roofline: float | None = None) -> list[Result]:
+def compare(
+    spec: BenchSpec, impls: tuple[str, ...] = ("swinx",), memory: bool = True, roofline: float | None = None
+) -> list[Result]:
     """Time `impls` on the same weights and inputs; the first row is swinx, then each peer with its ratio.
 
     `roofline` (FLOP/s, e.g. from `matmul_rate`) adds the fraction of it each one reaches.
@@ -286,8 +306,9 @@ def compare(spec: BenchSpec, impls: tuple[str, ...] = ("swinx",), memory: bool =
     size = spec.img_size or model.config.img_hw[0]
     x = torch.randn(spec.batch, model.config.in_chans, size, size, device=device)
     labels = torch.randint(0, model.num_classes, (spec.batch,), device=device)
-    if "onnxruntime" in impls and (spec.mode != "infer" or spec.dtype != "float32" or spec.compile
-                                   or device.type != "cpu"):
+    if "onnxruntime" in impls and (
+        spec.mode != "infer" or spec.dtype != "float32" or spec.compile or device.type != "cpu"
+    ):
         raise ValueError("onnxruntime is benchmarked for float32 inference on the CPU only, without --compile")
     nets = {impl: build(impl, model, spec.model).to(device) for impl in impls}
 
@@ -312,15 +333,34 @@ def compare(spec: BenchSpec, impls: tuple[str, ...] = ("swinx",), memory: bool =
         median = statistics.median(rounds[impl])
         images = spec.batch / median
         flops_rate = images * 2 * gmacs * 1e9 * (3 if spec.mode == "train" else 1)
-        results.append(Result(
-            impl=impl, model=spec.model, mode=spec.mode, batch=spec.batch, img_size=size, dtype=spec.dtype,
-            compiled=spec.compile, device=device_name(device), threads=torch.get_num_threads(),
-            torch=torch.__version__, median_ms=median * 1e3, images_per_second=images,
-            rounds_ms=[t * 1e3 for t in rounds[impl]], speedup_of_swinx=median / ours,
-            peak_memory_mb=(None if not memory or impl == "onnxruntime"  # its child would measure the export
-                            else cuda_peak_memory(fns[impl], device) if device.type == "cuda"
-                            else process_peak_rss(spec, impl)), max_abs_diff=diffs[impl],
-            gmacs_per_image=gmacs, fraction_of_matmul_peak=flops_rate / roofline if roofline else None))
+        results.append(
+            Result(
+                impl=impl,
+                model=spec.model,
+                mode=spec.mode,
+                batch=spec.batch,
+                img_size=size,
+                dtype=spec.dtype,
+                compiled=spec.compile,
+                device=device_name(device),
+                threads=torch.get_num_threads(),
+                torch=torch.__version__,
+                median_ms=median * 1e3,
+                images_per_second=images,
+                rounds_ms=[t * 1e3 for t in rounds[impl]],
+                speedup_of_swinx=median / ours,
+                peak_memory_mb=(
+                    None
+                    if not memory or impl == "onnxruntime"  # its child would measure the export
+                    else cuda_peak_memory(fns[impl], device)
+                    if device.type == "cuda"
+                    else process_peak_rss(spec, impl)
+                ),
+                max_abs_diff=diffs[impl],
+                gmacs_per_image=gmacs,
+                fraction_of_matmul_peak=flops_rate / roofline if roofline else None,
+            )
+        )
     return results
 
 
@@ -333,8 +373,13 @@ def global_attention(config, img_size: int):
     return config.replace(window_size=math.ceil(img_size / config.patch_size), img_size=img_size)
 
 
-def scaling(model: str = "swin_t", sizes=(224, 320, 448, 640, 800, 1024), measured_global_max: int = 448,
-            device: str = "cpu", repeats: int = 3) -> list[dict]:
+def scaling(
+    model: str = "swin_t",
+    sizes=(224, 320, 448, 640, 800, 1024),
+    measured_global_max: int = 448,
+    device: str = "cpu",
+    repeats: int = 3,
+) -> list[dict]:
     """Inference time (batch 1) and MACs per image against input size, for windowed and global attention.
 
     Global attention is timed only up to `measured_global_max`: beyond it the N x N attention
@@ -345,10 +390,14 @@ def scaling(model: str = "swin_t", sizes=(224, 320, 448, 640, 800, 1024), measur
     rows = []
     for size in sizes:
         glob_config = global_attention(base.config, size)
-        row = {"img_size": size, "tokens": math.ceil(size / base.config.patch_size) ** 2,
-               "swin_gmacs": sum(p.macs for p in macs(base.config, size)) / 1e9,
-               "global_gmacs": sum(p.macs for p in macs(glob_config, size)) / 1e9,
-               "swin_ms": None, "global_ms": None}
+        row = {
+            "img_size": size,
+            "tokens": math.ceil(size / base.config.patch_size) ** 2,
+            "swin_gmacs": sum(p.macs for p in macs(base.config, size)) / 1e9,
+            "global_gmacs": sum(p.macs for p in macs(glob_config, size)) / 1e9,
+            "swin_ms": None,
+            "global_ms": None,
+        }
         x = torch.randn(1, base.config.in_chans, size, size, device=device)
         fns = {"swin": lambda: base(x)}
         if size <= measured_global_max:
@@ -414,7 +463,7 @@ def record(rows: list[dict], out_dir, device: torch.device) -> str:
     return str(path)
 
 
-if __name__ == "__main__":      # python -m swinx.tools.bench SPEC_JSON IMPL: the peak-RSS probe
+if __name__ == "__main__":  # python -m swinx.tools.bench SPEC_JSON IMPL: the peak-RSS probe
     import sys
 
     _rss_main(sys.argv[1], sys.argv[2])

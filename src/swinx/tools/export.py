@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from swinx.weights.checkpoint import atomic_write
 from swinx.model.swin import SwinTransformer
+from swinx.weights.checkpoint import atomic_write
 
 FORMATS = ("onnx", "torch-export")
 ATTENTION = ("fused", "exact")
@@ -45,8 +45,10 @@ class Check:
     seconds: float
 
     def __str__(self) -> str:
-        return (f"batch {self.batch} at {self.height}x{self.width}: max |diff| {self.max_abs_diff:.1e} "
-                f"({self.seconds * 1e3:.0f} ms)")
+        return (
+            f"batch {self.batch} at {self.height}x{self.width}: max |diff| {self.max_abs_diff:.1e} "
+            f"({self.seconds * 1e3:.0f} ms)"
+        )
 
 
 @dataclass
@@ -87,8 +89,13 @@ def _dynamic_shapes(model: SwinTransformer) -> dict:
     from torch.export import Dim
 
     low = min_side(model)
-    return {"x": {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=low, max=MAX_SIDE),
-                  3: Dim("width", min=low, max=MAX_SIDE)}}
+    return {
+        "x": {
+            0: Dim("batch", min=1, max=4096),
+            2: Dim("height", min=low, max=MAX_SIDE),
+            3: Dim("width", min=low, max=MAX_SIDE),
+        }
+    }
 
 
 def _prepared(model: SwinTransformer, attention: str) -> SwinTransformer:
@@ -110,21 +117,35 @@ def _check_sizes(model: SwinTransformer, sizes) -> list[tuple[int, int]]:
     sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in sizes]
     for h, w in sizes:
         if not (low <= h <= MAX_SIDE and low <= w <= MAX_SIDE):
-            raise ExportError(f"verification size {h}x{w} is outside what the export accepts: "
-                              f"height and width from {low} to {MAX_SIDE}")
+            raise ExportError(
+                f"verification size {h}x{w} is outside what the export accepts: "
+                f"height and width from {low} to {MAX_SIDE}"
+            )
     return sizes
 
 
 def metadata(model: SwinTransformer, extra: dict | None = None) -> dict[str, str]:
     """What a deployment needs beside the graph: config, class names, preprocessing, size range."""
-    info = {"config": model.config.to_dict(), "min_side": min_side(model), "max_side": MAX_SIDE,
-            "class_names": getattr(model, "class_names", None)}
+    info = {
+        "config": model.config.to_dict(),
+        "min_side": min_side(model),
+        "max_side": MAX_SIDE,
+        "class_names": getattr(model, "class_names", None),
+    }
     info.update(extra or {})
     return {METADATA_KEY: json.dumps(info)}
 
 
-def export_onnx(model: SwinTransformer, path: str | os.PathLike, *, opset: int = 18, attention: str = "fused",
-                sizes=None, batches=(1, 5), extra_metadata: dict | None = None) -> ExportReport:
+def export_onnx(
+    model: SwinTransformer,
+    path: str | os.PathLike,
+    *,
+    opset: int = 18,
+    attention: str = "fused",
+    sizes=None,
+    batches=(1, 5),
+    extra_metadata: dict | None = None,
+) -> ExportReport:
     """Write `model` as ONNX with dynamic batch, height and width, then check it in onnxruntime.
 
     `attention`: "fused" exports scaled_dot_product_attention (opset >= 23: the ONNX Attention
@@ -138,24 +159,40 @@ def export_onnx(model: SwinTransformer, path: str | os.PathLike, *, opset: int =
     sizes = _check_sizes(model, sizes or default_sizes(model))
     start = time.perf_counter()
     with torch.no_grad():
-        program = torch.onnx.export(model, (_example(model),), dynamo=True, dynamic_shapes=_dynamic_shapes(model),
-                                    opset_version=opset, input_names=["x"], output_names=["logits"],
-                                    external_data=False, verbose=False)
+        program = torch.onnx.export(
+            model,
+            (_example(model),),
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(model),
+            opset_version=opset,
+            input_names=["x"],
+            output_names=["logits"],
+            external_data=False,
+            verbose=False,
+        )
     program.model.metadata_props.update(metadata(model, extra_metadata))
     report = ExportReport(path, "onnx", time.perf_counter() - start, min_side(model))
 
     def write(tmp: str) -> None:  # verified before it replaces `path`: a failed check leaves no file
         program.save(tmp)
         session = onnx_session(tmp)
-        report.checks = _verify(model, lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0]),
-                                sizes, batches)
+        report.checks = _verify(
+            model, lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), sizes, batches
+        )
 
     atomic_write(path, write)
     return report
 
 
-def export_program(model: SwinTransformer, path: str | os.PathLike, *, attention: str = "fused", sizes=None,
-                   batches=(1, 5), extra_metadata: dict | None = None) -> ExportReport:
+def export_program(
+    model: SwinTransformer,
+    path: str | os.PathLike,
+    *,
+    attention: str = "fused",
+    sizes=None,
+    batches=(1, 5),
+    extra_metadata: dict | None = None,
+) -> ExportReport:
     """Write a torch.export program (.pt2) with dynamic batch, height and width, load it back and check it."""
     path = Path(path)
     model = _prepared(model, attention)
@@ -225,6 +262,8 @@ def _verify(model: SwinTransformer, run, sizes, batches) -> list[Check]:
             diff = (got - expected).abs().max().item()
             checks.append(Check(batch, h, w, diff, seconds))
             if not diff <= TOLERANCE:
-                raise ExportError(f"the export does not reproduce the model: batch {batch} at {h}x{w} "
-                                  f"differs by {diff:.2e} (> {TOLERANCE})")
+                raise ExportError(
+                    f"the export does not reproduce the model: batch {batch} at {h}x{w} "
+                    f"differs by {diff:.2e} (> {TOLERANCE})"
+                )
     return checks

@@ -21,12 +21,32 @@ import torch
 import torch.nn.functional as F
 
 from swinx.model.config import SwinConfig
-from swinx.model.windows import (WindowGeometry, ceil_div, cyclic_shift, region_labels, window_geometry, window_partition,
-                      window_reverse)
+from swinx.model.windows import (
+    WindowGeometry,
+    ceil_div,
+    cyclic_shift,
+    region_labels,
+    window_geometry,
+    window_partition,
+    window_reverse,
+)
 
-__all__ = ["BlockAttention", "StageLayout", "WindowKind", "bias_images", "block_attention", "draw_attention",
-           "draw_bias", "draw_mask", "draw_model", "draw_windows", "load_image", "model_summary", "stage_layouts",
-           "window_kinds"]
+__all__ = [
+    "BlockAttention",
+    "StageLayout",
+    "WindowKind",
+    "bias_images",
+    "block_attention",
+    "draw_attention",
+    "draw_bias",
+    "draw_mask",
+    "draw_model",
+    "draw_windows",
+    "load_image",
+    "model_summary",
+    "stage_layouts",
+    "window_kinds",
+]
 
 # Nine region colours (tab10 without its grey), shared by the window and mask pictures.
 REGION_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
@@ -174,8 +194,17 @@ def stage_layouts(config: SwinConfig, img_size: int | tuple[int, int] | None = N
     for i in range(len(config.depths)):
         if i:
             h, w = ceil_div(h, 2), ceil_div(w, 2)
-        layouts.append(StageLayout(i + 1, h, w, p * 2 ** i, M, window_geometry(h, w, M, 0, config.small_map),
-                                   window_geometry(h, w, M, M // 2, config.small_map)))
+        layouts.append(
+            StageLayout(
+                i + 1,
+                h,
+                w,
+                p * 2**i,
+                M,
+                window_geometry(h, w, M, 0, config.small_map),
+                window_geometry(h, w, M, M // 2, config.small_map),
+            )
+        )
     return layouts
 
 
@@ -183,11 +212,11 @@ def stage_layouts(config: SwinConfig, img_size: int | tuple[int, int] | None = N
 class WindowKind:
     """One kind of window of a shifted block: where it sits and which token pairs its mask allows."""
 
-    name: str                 # "interior", "last column", "last row" or "bottom-right corner"
-    index: tuple[int, int]    # window row and column in the rolled map
-    flat: int                 # index into the nW axis of the mask and the attention
-    labels: torch.Tensor      # (N,) region label of each token, row-major inside the window
-    allowed: torch.Tensor     # (N, N) bool: query i may attend to key j
+    name: str  # "interior", "last column", "last row" or "bottom-right corner"
+    index: tuple[int, int]  # window row and column in the rolled map
+    flat: int  # index into the nW axis of the mask and the attention
+    labels: torch.Tensor  # (N,) region label of each token, row-major inside the window
+    allowed: torch.Tensor  # (N, N) bool: query i may attend to key j
 
 
 def window_kinds(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> list[WindowKind]:
@@ -199,8 +228,12 @@ def window_kinds(height: int, width: int, window: tuple[int, int], shift: tuple[
     labels = region_labels(height, width, window, shift)
     per_window = window_partition(labels[None, :, :, None], window)[0, :, :, 0]  # (nW, N)
     rows, cols = height // window[0], width // window[1]
-    names = {(False, False): "interior", (False, True): "last column", (True, False): "last row",
-             (True, True): "bottom-right corner"}
+    names = {
+        (False, False): "interior",
+        (False, True): "last column",
+        (True, False): "last row",
+        (True, True): "bottom-right corner",
+    }
     kinds, seen = [], set()
     for r, c in ((0, 0), (0, cols - 1), (rows - 1, 0), (rows - 1, cols - 1)):
         key = (r == rows - 1, c == cols - 1)
@@ -244,7 +277,7 @@ class BlockAttention:
         """(heads, nW, N) in window coordinates -> (heads, H, W) on the map (or the padded map)."""
         grid = window_reverse(values.permute(1, 2, 0)[None], self.geometry.window, *self.padded)  # (1, Hp, Wp, heads)
         grid = cyclic_shift(grid, self.geometry.shift, reverse=True)[0].permute(2, 0, 1)
-        return grid if padded else grid[:, :self.height, :self.width]
+        return grid if padded else grid[:, : self.height, : self.width]
 
     def locate(self, row: int, col: int) -> tuple[int, int]:
         """(window, token) of map position (row, col) in the block's windows."""
@@ -256,8 +289,10 @@ class BlockAttention:
 
     def check_query(self, row: int, col: int) -> None:
         if not (0 <= row < self.height and 0 <= col < self.width):
-            raise ValueError(f"query ({row}, {col}) is outside stage {self.stage}'s {self.height}x{self.width} "
-                             f"token map: rows 0-{self.height - 1}, columns 0-{self.width - 1}")
+            raise ValueError(
+                f"query ({row}, {col}) is outside stage {self.stage}'s {self.height}x{self.width} "
+                f"token map: rows 0-{self.height - 1}, columns 0-{self.width - 1}"
+            )
 
     def query_map(self, row: int, col: int, padded: bool = False) -> torch.Tensor:
         """(heads, H, W): how much the query at map position (row, col) attends to each token.
@@ -274,7 +309,7 @@ class BlockAttention:
         """(nW, N) bool: which window tokens are map tokens (not padding)."""
         Hp, Wp = self.padded
         real = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool)
-        real[:, :self.height, :self.width] = True
+        real[:, : self.height, : self.width] = True
         return window_partition(cyclic_shift(real, self.geometry.shift), self.geometry.window)[0, :, :, 0]
 
     def received_map(self, padded: bool = False) -> torch.Tensor:
@@ -292,8 +327,9 @@ class BlockAttention:
         (wh, ww), (sh, sw) = self.geometry.window, self.geometry.shift
         Hp, Wp = self.padded
         wr, wc = divmod(window, Wp // ww)
-        return [(r0, r1, c0, c1) for r0, r1 in _wrapped(wr * wh + sh, wh, Hp)
-                for c0, c1 in _wrapped(wc * ww + sw, ww, Wp)]
+        return [
+            (r0, r1, c0, c1) for r0, r1 in _wrapped(wr * wh + sh, wh, Hp) for c0, c1 in _wrapped(wc * ww + sw, ww, Wp)
+        ]
 
 
 def _wrapped(start: int, length: int, period: int) -> list[tuple[int, int]]:
@@ -331,8 +367,16 @@ def block_attention(model, x: torch.Tensor, stage: int, block: int) -> BlockAtte
     _, attn = target.window_attention(inp, return_attn=True)
     H, W = tokens.shape[1:3]
     geometry = window_geometry(H, W, target.window_size, target.shift_size, target.small_map)
-    return BlockAttention(attn[0].float().cpu().transpose(0, 1).contiguous(), H, W, geometry, stage, block,
-                          config.patch_size * 2 ** (stage - 1), logits[0].float().cpu())
+    return BlockAttention(
+        attn[0].float().cpu().transpose(0, 1).contiguous(),
+        H,
+        W,
+        geometry,
+        stage,
+        block,
+        config.patch_size * 2 ** (stage - 1),
+        logits[0].float().cpu(),
+    )
 
 
 @torch.no_grad()
@@ -353,8 +397,9 @@ def bias_images(attn_module, window: int | None = None) -> torch.Tensor:
         M = (side + 1) // 2
     else:
         pretrained = (attn_module.pretrained_window_size,) * 2
-        table = 16 * torch.sigmoid(attn_module.cpb_mlp(log_spaced_coords((M, M), pretrained,
-                                                                         attn_module.proj.weight.device)))
+        table = 16 * torch.sigmoid(
+            attn_module.cpb_mlp(log_spaced_coords((M, M), pretrained, attn_module.proj.weight.device))
+        )
     return table.detach().float().cpu().T.reshape(-1, 2 * M - 1, 2 * M - 1)
 
 
@@ -364,8 +409,10 @@ def _parameter_counts(config: SwinConfig) -> dict[str, int]:
     with torch.device("meta"):
         model = SwinTransformer(config)
     count = lambda module: sum(p.numel() for p in module.parameters()) if module is not None else 0
-    counts = {"patch_embed": count(model.patch_embed) + (model.absolute_pos_embed.numel()
-                                                         if model.absolute_pos_embed is not None else 0)}
+    counts = {
+        "patch_embed": count(model.patch_embed)
+        + (model.absolute_pos_embed.numel() if model.absolute_pos_embed is not None else 0)
+    }
     for i, stage in enumerate(model.layers):
         counts[f"stage{i + 1}"] = count(stage)
     counts["head"] = count(model.norm) + count(model.head)
@@ -384,19 +431,45 @@ def _summary_rows(config: SwinConfig, img_size) -> tuple[tuple[int, int], list[d
     parts = {p.name: p for p in macs(config, size)}
     params = _parameter_counts(config)
     layouts = stage_layouts(config, size)
-    rows = [dict(part="patch_embed", map=(parts["patch_embed"].height, parts["patch_embed"].width),
-                 channels=f"{config.in_chans}->{config.embed_dim}", params=params["patch_embed"],
-                 macs=parts["patch_embed"].macs, note=f"{config.patch_size}x{config.patch_size} patches")]
+    rows = [
+        dict(
+            part="patch_embed",
+            map=(parts["patch_embed"].height, parts["patch_embed"].width),
+            channels=f"{config.in_chans}->{config.embed_dim}",
+            params=params["patch_embed"],
+            macs=parts["patch_embed"].macs,
+            note=f"{config.patch_size}x{config.patch_size} patches",
+        )
+    ]
     for layout, depth, heads in zip(layouts, config.depths, config.num_heads):
         name = f"stage{layout.stage}"
         g = layout.regular
         dim = config.embed_dim * 2 ** (layout.stage - 1)
-        rows.append(dict(part=name, map=(layout.height, layout.width), padded=layout.padded,
-                         window=g.window, windows=layout.window_counts(0), blocks=_shift_pattern(layout, depth),
-                         shift=layout.shifted.shift, channels=str(dim), heads=heads, params=params[name],
-                         macs=parts[name].macs, merge=layout.stage < len(config.depths)))
-    rows.append(dict(part="head", channels=f"{config.num_features}->{config.num_classes}", params=params["head"],
-                     macs=parts["head"].macs, note="norm+pool+fc"))
+        rows.append(
+            dict(
+                part=name,
+                map=(layout.height, layout.width),
+                padded=layout.padded,
+                window=g.window,
+                windows=layout.window_counts(0),
+                blocks=_shift_pattern(layout, depth),
+                shift=layout.shifted.shift,
+                channels=str(dim),
+                heads=heads,
+                params=params[name],
+                macs=parts[name].macs,
+                merge=layout.stage < len(config.depths),
+            )
+        )
+    rows.append(
+        dict(
+            part="head",
+            channels=f"{config.num_features}->{config.num_classes}",
+            params=params["head"],
+            macs=parts["head"].macs,
+            note="norm+pool+fc",
+        )
+    )
     return size, rows + [dict(part="total", params=params["total"], macs=sum(p.macs for p in parts.values()))]
 
 
@@ -415,31 +488,43 @@ def model_summary(config, img_size: int | tuple[int, int] | None = None, name: s
     config = _config(config)
     size, rows = _summary_rows(config, img_size)
     total = rows[-1]
-    head = (f"{name or 'model'}: Swin Transformer V{config.version} at {_hw(size)} (patch {config.patch_size}, "
-            f"window {config.window_size}, small maps: {config.small_map})\n"
-            f"{total['params']:,} parameters, {total['macs'] / 1e9:.2f} GMACs "
-            "(multiply-accumulates, the official \"FLOPs\")\n")
-    cols = f"{'part':12s} {'tokens':>9s} {'padded':>9s} {'window':>6s} {'windows':>10s} {'channels':>10s} " \
-           f"{'heads':>5s}  {'blocks':14s} {'params':>12s} {'GMACs':>7s}"
+    head = (
+        f"{name or 'model'}: Swin Transformer V{config.version} at {_hw(size)} (patch {config.patch_size}, "
+        f"window {config.window_size}, small maps: {config.small_map})\n"
+        f"{total['params']:,} parameters, {total['macs'] / 1e9:.2f} GMACs "
+        '(multiply-accumulates, the official "FLOPs")\n'
+    )
+    cols = (
+        f"{'part':12s} {'tokens':>9s} {'padded':>9s} {'window':>6s} {'windows':>10s} {'channels':>10s} "
+        f"{'heads':>5s}  {'blocks':14s} {'params':>12s} {'GMACs':>7s}"
+    )
     lines = [head, cols, "-" * len(cols)]
     for r in rows:
         if r["part"] == "total":
             lines.append("-" * len(cols))
-            lines.append(f"{'total':12s} {'':>9s} {'':>9s} {'':>6s} {'':>10s} {'':>10s} {'':>5s}  {'':14s} "
-                         f"{r['params']:>12,d} {r['macs'] / 1e9:7.3f}")
+            lines.append(
+                f"{'total':12s} {'':>9s} {'':>9s} {'':>6s} {'':>10s} {'':>10s} {'':>5s}  {'':14s} "
+                f"{r['params']:>12,d} {r['macs'] / 1e9:7.3f}"
+            )
         elif r["part"].startswith("stage"):
             windows = f"{r['windows'][0]}x{r['windows'][1]}={r['windows'][0] * r['windows'][1]}"
             window = str(r["window"][0]) if r["window"][0] == r["window"][1] else _hw(r["window"])
-            lines.append(f"{r['part']:12s} {_hw(r['map']):>9s} {_hw(r['padded']):>9s} {window:>6s} {windows:>10s} "
-                         f"{r['channels']:>10s} {r['heads']:>5d}  {' '.join(r['blocks']):14s} {r['params']:>12,d} "
-                         f"{r['macs'] / 1e9:7.3f}")
+            lines.append(
+                f"{r['part']:12s} {_hw(r['map']):>9s} {_hw(r['padded']):>9s} {window:>6s} {windows:>10s} "
+                f"{r['channels']:>10s} {r['heads']:>5d}  {' '.join(r['blocks']):14s} {r['params']:>12,d} "
+                f"{r['macs'] / 1e9:7.3f}"
+            )
         else:
             tokens = _hw(r["map"]) if "map" in r else ""
-            lines.append(f"{r['part']:12s} {tokens:>9s} {'':>9s} {'':>6s} {'':>10s} {r['channels']:>10s} {'':>5s}  "
-                         f"{r['note'][:14]:14s} {r['params']:>12,d} {r['macs'] / 1e9:7.3f}")
+            lines.append(
+                f"{r['part']:12s} {tokens:>9s} {'':>9s} {'':>6s} {'':>10s} {r['channels']:>10s} {'':>5s}  "
+                f"{r['note'][:14]:14s} {r['params']:>12,d} {r['macs'] / 1e9:7.3f}"
+            )
     lines.append("")
-    lines.append("blocks: W = regular windows, SW = shifted windows (shift window//2); a stage's params include "
-                 "its patch merging")
+    lines.append(
+        "blocks: W = regular windows, SW = shifted windows (shift window//2); a stage's params include "
+        "its patch merging"
+    )
     lines.append("into the next stage; head = final norm + classifier. GMACs per stage include the merging.")
     return "\n".join(lines) + "\n"
 
@@ -469,7 +554,7 @@ def _save(fig, out: str | os.PathLike) -> Path:
     image = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
     buffer = io.BytesIO()
     image.save(buffer, format="png", optimize=True)
-    if buffer.tell() > _MAX_PNG_BYTES:   # photographs: 256 colours keep the file small, lines and text crisp
+    if buffer.tell() > _MAX_PNG_BYTES:  # photographs: 256 colours keep the file small, lines and text crisp
         buffer = io.BytesIO()
         image.quantize(256, method=Image.Quantize.FASTOCTREE).save(buffer, format="png", optimize=True)
     out = Path(out)
@@ -509,8 +594,9 @@ def _draw_window_grid(ax, geometry, padded, token, color="white", lw=1.4):
 
 def _token_lines(rows: range, cols: range, token: int, extent: tuple[int, int, int, int]) -> list:
     r0, r1, c0, c1 = extent
-    return [[(c0 * token, r * token), (c1 * token, r * token)] for r in rows] + \
-        [[(c * token, r0 * token), (c * token, r1 * token)] for c in cols]
+    return [[(c0 * token, r * token), (c1 * token, r * token)] for r in rows] + [
+        [(c * token, r0 * token), (c * token, r1 * token)] for c in cols
+    ]
 
 
 def _region_rgba(labels, alpha: float, alpha0: float | None = None):
@@ -531,8 +617,19 @@ def _label_regions(ax, labels, token: int, fontsize: float = 7.5, offset=(0, 0))
         rows, cols = np.nonzero(labels == value)
         y = (rows.min() + rows.max() + 1) / 2 * token + offset[0]
         x = (cols.min() + cols.max() + 1) / 2 * token + offset[1]
-        ax.text(x, y, str(int(value)), ha="center", va="center", fontsize=fontsize, fontweight="bold",
-                color="black", path_effects=_text_outline(), zorder=6, clip_on=False)
+        ax.text(
+            x,
+            y,
+            str(int(value)),
+            ha="center",
+            va="center",
+            fontsize=fontsize,
+            fontweight="bold",
+            color="black",
+            path_effects=_text_outline(),
+            zorder=6,
+            clip_on=False,
+        )
 
 
 def _hatch(ax, x0, y0, x1, y1, **kw):
@@ -559,16 +656,28 @@ def _image_array(image):
 def _show_image(ax, image, extent, alpha: float = 1.0):
     arr = _image_array(image)
     kw = dict(cmap="gray", vmin=0, vmax=255) if arr.ndim == 2 else {}
-    ax.imshow(arr, extent=extent, interpolation="nearest" if min(arr.shape[:2]) < 100 else "antialiased",
-              zorder=1, alpha=alpha, **kw)
+    ax.imshow(
+        arr,
+        extent=extent,
+        interpolation="nearest" if min(arr.shape[:2]) < 100 else "antialiased",
+        zorder=1,
+        alpha=alpha,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. windows
 
 
-def draw_windows(image, out: str | os.PathLike, model="swin_t", size: tuple[int, int] | None = None,
-                 small_map: str | None = None, dpi: int = 120) -> Path:
+def draw_windows(
+    image,
+    out: str | os.PathLike,
+    model="swin_t",
+    size: tuple[int, int] | None = None,
+    small_map: str | None = None,
+    dpi: int = 120,
+) -> Path:
     """The image with each stage's token grid and window grid, regular and shifted side by side.
 
     One row per stage. Padding (the map padded to a multiple of the window at the bottom and
@@ -593,11 +702,11 @@ def draw_windows(image, out: str | os.PathLike, model="swin_t", size: tuple[int,
         Hp, Wp = layout.padded
         t = layout.token
         X, Y = Wp * t, Hp * t
-        px_per_pixel = panel_w * dpi * 0.9 / X   # display pixels per image pixel (about)
+        px_per_pixel = panel_w * dpi * 0.9 / X  # display pixels per image pixel (about)
         for col, ax in enumerate(row):
             g = layout.geometry(col)
             ax.set_facecolor("white")
-            _show_image(ax, img, (0, W, H, 0), alpha=0.75)   # faded: the grids are the subject
+            _show_image(ax, img, (0, W, H, 0), alpha=0.75)  # faded: the grids are the subject
             # padding: the pixels the patch embedding / merging add, then the window padding
             _hatch(ax, W, 0, layout.width * t, layout.height * t, **_edge_pad_style())
             _hatch(ax, 0, H, W, layout.height * t, **_edge_pad_style())
@@ -617,16 +726,21 @@ def draw_windows(image, out: str | os.PathLike, model="swin_t", size: tuple[int,
             ax.add_collection(LineCollection(lines, colors="white", linewidths=width, alpha=alpha, zorder=3))
             nwin = (Hp // g.window[0]) * (Wp // g.window[1])
             kind = "regular windows (even blocks)" if col == 0 else "shifted windows (odd blocks)"
-            detail = (f"map {layout.height}x{layout.width} tokens of {t}x{t} px, padded {Hp}x{Wp}\n"
-                      f"window {_square(g.window)}, shift {_square(g.shift)}: "
-                      f"{Hp // g.window[0]}x{Wp // g.window[1]} = {nwin} windows")
+            detail = (
+                f"map {layout.height}x{layout.width} tokens of {t}x{t} px, padded {Hp}x{Wp}\n"
+                f"window {_square(g.window)}, shift {_square(g.shift)}: "
+                f"{Hp // g.window[0]}x{Wp // g.window[1]} = {nwin} windows"
+            )
             if col == 1 and not g.has_shift:
-                detail = (f"map {layout.height}x{layout.width} tokens of {t}x{t} px, padded {Hp}x{Wp}\n"
-                          + _no_shift_reason(layout, config.small_map).replace("\n", " "))
+                detail = (
+                    f"map {layout.height}x{layout.width} tokens of {t}x{t} px, padded {Hp}x{Wp}\n"
+                    + _no_shift_reason(layout, config.small_map).replace("\n", " ")
+                )
             elif col == 1:
                 labels = torch.roll(region_labels(Hp, Wp, g.window, g.shift), shifts=g.shift, dims=(0, 1))
-                ax.imshow(_region_rgba(labels, 0.4, 0.08), extent=(0, Wp * t, Hp * t, 0), interpolation="nearest",
-                          zorder=2.5)
+                ax.imshow(
+                    _region_rgba(labels, 0.4, 0.08), extent=(0, Wp * t, Hp * t, 0), interpolation="nearest", zorder=2.5
+                )
                 _label_regions(ax, labels, t, fontsize=7)
             _draw_window_grid(ax, g, (Hp, Wp), t, lw=1.1 if g.window[1] * t * px_per_pixel > 60 else 0.7)
             ax.set_xlim(0, X)
@@ -637,14 +751,27 @@ def draw_windows(image, out: str | os.PathLike, model="swin_t", size: tuple[int,
             for side in ("top", "right"):
                 ax.spines[side].set_visible(False)
     handles = [Patch(facecolor=c, alpha=0.6 if i else 0.2, label=str(i)) for i, c in enumerate(REGION_COLORS)]
-    handles += [Patch(**{k: v for k, v in _pad_style().items() if k != "zorder"}, label="padding to the window"),
-                Patch(facecolor="#efefef", label="padding to an even map (patch embed, merging)")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=6, fontsize=7, handlelength=1.2,
-               columnspacing=0.8, title="shifted regions: row region x 3 + column region\nthick lines: windows; "
-               "thin lines: tokens" + (" (where too dense, in one window only)" if sparse_grid else ""),
-               title_fontsize=7.5, frameon=False)
-    fig.suptitle(f"{config.window_size}x{config.window_size} windows of each stage on a {H}x{W} image "
-                 f"(patch {config.patch_size}, small maps: {config.small_map}; axes in pixels)", fontsize=10)
+    handles += [
+        Patch(**{k: v for k, v in _pad_style().items() if k != "zorder"}, label="padding to the window"),
+        Patch(facecolor="#efefef", label="padding to an even map (patch embed, merging)"),
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=6,
+        fontsize=7,
+        handlelength=1.2,
+        columnspacing=0.8,
+        title="shifted regions: row region x 3 + column region\nthick lines: windows; "
+        "thin lines: tokens" + (" (where too dense, in one window only)" if sparse_grid else ""),
+        title_fontsize=7.5,
+        frameon=False,
+    )
+    fig.suptitle(
+        f"{config.window_size}x{config.window_size} windows of each stage on a {H}x{W} image "
+        f"(patch {config.patch_size}, small maps: {config.small_map}; axes in pixels)",
+        fontsize=10,
+    )
     return _save(fig, out)
 
 
@@ -655,8 +782,10 @@ def _square(pair) -> str:
 def _no_shift_reason(layout: StageLayout, small_map: str) -> str:
     g = layout.shifted
     if small_map == "clamp" and g.window[0] < layout.window_size:
-        return (f"fits one window on its short side:\nwindow clamped to {g.window[0]}, no shift, "
-                f"{layout.window_counts(1)[0] * layout.window_counts(1)[1]} window(s)")
+        return (
+            f"fits one window on its short side:\nwindow clamped to {g.window[0]}, no shift, "
+            f"{layout.window_counts(1)[0] * layout.window_counts(1)[1]} window(s)"
+        )
     if small_map == "clamp":
         return f"fits one {layout.window_size}x{layout.window_size} window:\nno shift (clamp rule)"
     if small_map == "pad_shift":  # the shift is kept at every size: only a 1-token window has none
@@ -668,8 +797,14 @@ def _no_shift_reason(layout: StageLayout, small_map: str) -> str:
 # 2. mask
 
 
-def draw_mask(out: str | os.PathLike, model="swin_t", size: tuple[int, int] | None = None, stage: int = 1,
-              small_map: str | None = None, dpi: int = 130) -> Path:
+def draw_mask(
+    out: str | os.PathLike,
+    model="swin_t",
+    size: tuple[int, int] | None = None,
+    stage: int = 1,
+    small_map: str | None = None,
+    dpi: int = 130,
+) -> Path:
     """The shifted-window attention mask of a stage: the rolled map's regions, and the N x N mask
     of each distinct kind of window (white: may attend, black: masked)."""
     from matplotlib.collections import LineCollection
@@ -683,9 +818,12 @@ def draw_mask(out: str | os.PathLike, model="swin_t", size: tuple[int, int] | No
     layout = stage_layouts(config, (H, W))[stage - 1]
     g = layout.shifted
     if not g.has_shift:
-        raise ValueError(f"stage {stage} at {H}x{W} has no shifted windows, so nothing is masked: its "
-                         f"{layout.height}x{layout.width} map " + _no_shift_reason(layout, config.small_map)
-                         .replace("\n", " ") + "; pick another stage or a larger --size")
+        raise ValueError(
+            f"stage {stage} at {H}x{W} has no shifted windows, so nothing is masked: its "
+            f"{layout.height}x{layout.width} map "
+            + _no_shift_reason(layout, config.small_map).replace("\n", " ")
+            + "; pick another stage or a larger --size"
+        )
     Hp, Wp = layout.padded
     labels = region_labels(Hp, Wp, g.window, g.shift)
     kinds = window_kinds(Hp, Wp, g.window, g.shift)
@@ -707,27 +845,62 @@ def draw_mask(out: str | os.PathLike, model="swin_t", size: tuple[int, int] | No
     letters = "ABCD"
     for letter, kind in zip(letters, kinds):
         r, c = kind.index
-        ax.add_patch(Rectangle((c * ww, r * wh), ww, wh, facecolor="none", edgecolor="white", linewidth=2.2,
-                               zorder=5, path_effects=_outlined(4.2)))
-        ax.text(c * ww + ww / 2, r * wh - 0.4, letter, ha="center", va="bottom", fontsize=9, fontweight="bold",
-                zorder=6, path_effects=_text_outline(), clip_on=False)
+        ax.add_patch(
+            Rectangle(
+                (c * ww, r * wh),
+                ww,
+                wh,
+                facecolor="none",
+                edgecolor="white",
+                linewidth=2.2,
+                zorder=5,
+                path_effects=_outlined(4.2),
+            )
+        )
+        ax.text(
+            c * ww + ww / 2,
+            r * wh - 0.4,
+            letter,
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            fontweight="bold",
+            zorder=6,
+            path_effects=_text_outline(),
+            clip_on=False,
+        )
     ax.set_xlim(0, Wp)
     ax.set_ylim(Hp, 0)
     ax.set_xlabel("token column (rolled map)", fontsize=8)
     ax.set_ylabel("token row (rolled map)", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title(f"stage {stage}: {layout.height}x{layout.width} tokens, padded to {Hp}x{Wp}, rolled by "
-                 f"-{_square(g.shift)}\n{Hp // wh}x{Wp // ww} windows of {_square(g.window)}; region = row region "
-                 "x 3 + column region", fontsize=8.5)
-    ax.legend(handles=[Patch(facecolor="none", edgecolor="#444444", hatch="////", label="padding")],
-              loc="upper right", fontsize=7, framealpha=0.9, bbox_to_anchor=(1.0, -0.06), borderaxespad=0)
+    ax.set_title(
+        f"stage {stage}: {layout.height}x{layout.width} tokens, padded to {Hp}x{Wp}, rolled by "
+        f"-{_square(g.shift)}\n{Hp // wh}x{Wp // ww} windows of {_square(g.window)}; region = row region "
+        "x 3 + column region",
+        fontsize=8.5,
+    )
+    ax.legend(
+        handles=[Patch(facecolor="none", edgecolor="#444444", hatch="////", label="padding")],
+        loc="upper right",
+        fontsize=7,
+        framealpha=0.9,
+        bbox_to_anchor=(1.0, -0.06),
+        borderaxespad=0,
+    )
 
     axes = sub[1].subplots(2, 2).ravel()
-    for ax in axes[len(kinds):]:
+    for ax in axes[len(kinds) :]:
         ax.set_visible(False)
     for letter, kind, ax in zip(letters, kinds, axes):
-        ax.imshow(kind.allowed.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest",
-                  extent=(-0.5, N - 0.5, N - 0.5, -0.5))
+        ax.imshow(
+            kind.allowed.numpy(),
+            cmap="gray",
+            vmin=0,
+            vmax=1,
+            interpolation="nearest",
+            extent=(-0.5, N - 0.5, N - 0.5, -0.5),
+        )
         lab = kind.labels.tolist()
         bounds = [i for i in range(1, N) if lab[i] != lab[i - 1]]
         runs = list(zip([0] + bounds, bounds + [N]))
@@ -747,15 +920,22 @@ def draw_mask(out: str | os.PathLike, model="swin_t", size: tuple[int, int] | No
             ax.axvline(b, color="#d62728", lw=0.35, alpha=0.6)
         blocked = int((~kind.allowed).sum())
         regions = sorted(set(lab))
-        detail = (f"regions {', '.join(map(str, regions))}: {blocked:,} of {N * N:,} pairs masked" if blocked
-                  else f"region {regions[0]} only: all {N * N:,} pairs allowed")
+        detail = (
+            f"regions {', '.join(map(str, regions))}: {blocked:,} of {N * N:,} pairs masked"
+            if blocked
+            else f"region {regions[0]} only: all {N * N:,} pairs allowed"
+        )
         ax.set_title(f"{letter}: {kind.name} window {kind.index}\n{detail}", fontsize=8)
         ax.set_xlabel("key token (its region)", fontsize=7)
         ax.set_ylabel("query token (its region)", fontsize=7)
-    sub[1].suptitle(f"{N}x{N} masks, tokens in row-major window order: white = may attend, black = masked "
-                    "(-100)", fontsize=8.5)
-    fig.suptitle(f"Shifted-window attention mask, {config.window_size}x{config.window_size} windows, "
-                 f"{H}x{W} image (patch {config.patch_size})", fontsize=10)
+    sub[1].suptitle(
+        f"{N}x{N} masks, tokens in row-major window order: white = may attend, black = masked (-100)", fontsize=8.5
+    )
+    fig.suptitle(
+        f"Shifted-window attention mask, {config.window_size}x{config.window_size} windows, "
+        f"{H}x{W} image (patch {config.patch_size})",
+        fontsize=10,
+    )
     return _save(fig, out)
 
 
@@ -774,9 +954,12 @@ def _as_loaded(model):
 
         c = model.config
         rgb = c.in_chans == 3
-        spec = {"img_size": c.img_hw[0], "channels": c.in_chans,
-                "mean": list(D.IMAGENET_MEAN if rgb else D.MNIST_MEAN * c.in_chans),
-                "std": list(D.IMAGENET_STD if rgb else D.MNIST_STD * c.in_chans)}
+        spec = {
+            "img_size": c.img_hw[0],
+            "channels": c.in_chans,
+            "mean": list(D.IMAGENET_MEAN if rgb else D.MNIST_MEAN * c.in_chans),
+            "std": list(D.IMAGENET_STD if rgb else D.MNIST_STD * c.in_chans),
+        }
         names = getattr(model, "class_names", None) or [f"class {i}" for i in range(model.num_classes)]
         return Loaded(model.eval(), list(names), spec, None, Path("<model>"))
     return load_for_inference(model)
@@ -802,12 +985,21 @@ def _upsample(maps: torch.Tensor, token: int, size: tuple[int, int], interpolati
         up = F.interpolate(maps[None], size=(h * token, w * token), mode="bilinear", align_corners=False)[0]
     else:
         raise ValueError(f"interpolation must be 'nearest' or 'bilinear', got {interpolation!r}")
-    return up[:, :size[0], :size[1]]
+    return up[:, : size[0], : size[1]]
 
 
-def draw_attention(model, image, out: str | os.PathLike, stage: int = 1, block: int = 0, head: int | None = 0,
-                   query: tuple[int, int] | None = None, size: tuple[int, int] | None = None,
-                   interpolation: str = "nearest", dpi: int = 130) -> Path:
+def draw_attention(
+    model,
+    image,
+    out: str | os.PathLike,
+    stage: int = 1,
+    block: int = 0,
+    head: int | None = 0,
+    query: tuple[int, int] | None = None,
+    size: tuple[int, int] | None = None,
+    interpolation: str = "nearest",
+    dpi: int = 130,
+) -> Path:
     """Attention of one block, stitched back across windows onto the image.
 
     `model` is a checkpoint path (any layout `load_for_inference` reads), a `Loaded` or a
@@ -832,8 +1024,9 @@ def draw_attention(model, image, out: str | os.PathLike, stage: int = 1, block: 
         tokens = att.query_map(row, col)
         on_padding = 1 - tokens.sum((-2, -1))
         pieces = len(att.window_rects(row, col))
-        what = (f"attention of query ({row}, {col}); dashed: its window"
-                + (f", in {pieces} pieces across the cyclic shift" if pieces > 1 else ""))
+        what = f"attention of query ({row}, {col}); dashed: its window" + (
+            f", in {pieces} pieces across the cyclic shift" if pieces > 1 else ""
+        )
     else:
         tokens = att.received_map()
         on_padding = None
@@ -855,11 +1048,28 @@ def draw_attention(model, image, out: str | os.PathLike, stage: int = 1, block: 
     def decorate(ax):
         if query is not None:
             for r0, r1, c0, c1 in att.window_rects(row, col):
-                ax.add_patch(Rectangle((c0 * att.token, r0 * att.token), (c1 - c0) * att.token,
-                                       (r1 - r0) * att.token, facecolor="none", edgecolor="#00e5ff",
-                                       linewidth=1.5, linestyle="--", zorder=5))
-            ax.plot([(col + 0.5) * att.token], [(row + 0.5) * att.token], marker="o", markersize=7,
-                    markerfacecolor="#00e5ff", markeredgecolor="black", markeredgewidth=1.0, zorder=6)
+                ax.add_patch(
+                    Rectangle(
+                        (c0 * att.token, r0 * att.token),
+                        (c1 - c0) * att.token,
+                        (r1 - r0) * att.token,
+                        facecolor="none",
+                        edgecolor="#00e5ff",
+                        linewidth=1.5,
+                        linestyle="--",
+                        zorder=5,
+                    )
+                )
+            ax.plot(
+                [(col + 0.5) * att.token],
+                [(row + 0.5) * att.token],
+                marker="o",
+                markersize=7,
+                markerfacecolor="#00e5ff",
+                markeredgecolor="black",
+                markeredgewidth=1.0,
+                zorder=6,
+            )
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
         ax.set_xticks([])
@@ -870,13 +1080,16 @@ def draw_attention(model, image, out: str | os.PathLike, stage: int = 1, block: 
     _draw_window_grid(ax, g, padded, att.token, lw=1.0)
     decorate(ax)
     kind = "shifted" if g.has_shift else "regular"
-    ax.set_title(f"input {H}x{W}, {att.height}x{att.width} tokens\n{kind} windows {_square(g.window)}, "
-                 f"shift {_square(g.shift)}", fontsize=8)
+    ax.set_title(
+        f"input {H}x{W}, {att.height}x{att.width} tokens\n{kind} windows {_square(g.window)}, shift {_square(g.shift)}",
+        fontsize=8,
+    )
     gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     for h, ax in zip(heads, axes[1:]):
         ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(0, W, H, 0), interpolation="nearest", zorder=1)
-        shown = ax.imshow(pixels[h], cmap=_ATTENTION_CMAP, alpha=0.72, vmin=0,
-                          extent=(0, W, H, 0), interpolation="nearest", zorder=2)
+        shown = ax.imshow(
+            pixels[h], cmap=_ATTENTION_CMAP, alpha=0.72, vmin=0, extent=(0, W, H, 0), interpolation="nearest", zorder=2
+        )
         _draw_window_grid(ax, g, padded, att.token, color="#bbbbbb", lw=0.6)
         decorate(ax)
         title = f"head {h}"
@@ -925,10 +1138,17 @@ def draw_bias(model, out: str | os.PathLike, stage: int = 1, block: int = 0, dpi
     for ax in axes.ravel()[heads:]:
         ax.set_visible(False)
     for h, ax in enumerate(axes.ravel()[:heads]):
-        shown = ax.imshow(images[h], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
-                          extent=(-M + 0.5, M - 0.5, M - 0.5, -M + 0.5))
-        ax.plot([0], [0], marker="s", markersize=7, markerfacecolor="none", markeredgecolor="black",
-                markeredgewidth=1.2)
+        shown = ax.imshow(
+            images[h],
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="nearest",
+            extent=(-M + 0.5, M - 0.5, M - 0.5, -M + 0.5),
+        )
+        ax.plot(
+            [0], [0], marker="s", markersize=7, markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.2
+        )
         ax.set_xticks(ticks)
         ax.set_yticks(ticks)
         ax.tick_params(labelsize=7)
@@ -940,8 +1160,11 @@ def draw_bias(model, out: str | os.PathLike, stage: int = 1, block: int = 0, dpi
     bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.035, pad=0.02, shrink=0.85 if nrows == 1 else 1.0)
     bar.ax.tick_params(labelsize=7)
     bar.set_label("bias added to the attention logit", fontsize=7.5)
-    fig.suptitle(f"Relative position bias, stage {stage} block {block}: {what}, window {M}\n"
-                 f"offsets -{M - 1}..{M - 1}; the square marks offset (0, 0)", fontsize=9)
+    fig.suptitle(
+        f"Relative position bias, stage {stage} block {block}: {what}, window {M}\n"
+        f"offsets -{M - 1}..{M - 1}; the square marks offset (0, 0)",
+        fontsize=9,
+    )
     return _save(fig, out)
 
 
@@ -949,8 +1172,9 @@ def draw_bias(model, out: str | os.PathLike, stage: int = 1, block: int = 0, dpi
 # 5. model
 
 
-def draw_model(model, out: str | os.PathLike, size: int | tuple[int, int] | None = None, name: str | None = None,
-               dpi: int = 130) -> Path:
+def draw_model(
+    model, out: str | os.PathLike, size: int | tuple[int, int] | None = None, name: str | None = None, dpi: int = 130
+) -> Path:
     """A one-page architecture diagram: patch embedding, the stages (tokens, channels, blocks with
     their shift pattern, heads, windows, parameters, GMACs), merging between them, the head."""
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
@@ -971,16 +1195,25 @@ def draw_model(model, out: str | os.PathLike, size: int | tuple[int, int] | None
     ax_diagram.axis("off")
 
     def box(x, w, color, title, top, bottom):
-        ax_diagram.add_patch(FancyBboxPatch((x, 0.12), w, 2.9, boxstyle="round,pad=0.02,rounding_size=0.12",
-                                            facecolor=color, edgecolor="#333333", linewidth=1.0))
+        ax_diagram.add_patch(
+            FancyBboxPatch(
+                (x, 0.12),
+                w,
+                2.9,
+                boxstyle="round,pad=0.02,rounding_size=0.12",
+                facecolor=color,
+                edgecolor="#333333",
+                linewidth=1.0,
+            )
+        )
         ax_diagram.text(x + w / 2, 2.85, title, ha="center", va="top", fontsize=9.5, fontweight="bold")
         ax_diagram.text(x + w / 2, 2.5, "\n".join(top), ha="center", va="top", fontsize=7.6, linespacing=1.45)
-        ax_diagram.text(x + w / 2, 0.3, "\n".join(bottom), ha="center", va="bottom", fontsize=7.6,
-                        linespacing=1.45)
+        ax_diagram.text(x + w / 2, 0.3, "\n".join(bottom), ha="center", va="bottom", fontsize=7.6, linespacing=1.45)
 
     def arrow(x0, x1, label=""):
-        ax_diagram.add_patch(FancyArrowPatch((x0, 1.55), (x1, 1.55), arrowstyle="-|>", mutation_scale=12,
-                                             linewidth=1.2, color="#333333"))
+        ax_diagram.add_patch(
+            FancyArrowPatch((x0, 1.55), (x1, 1.55), arrowstyle="-|>", mutation_scale=12, linewidth=1.2, color="#333333")
+        )
         if label:
             ax_diagram.text((x0 + x1) / 2, 1.7, label, ha="center", va="bottom", fontsize=6.5, color="#333333")
 
@@ -990,8 +1223,19 @@ def draw_model(model, out: str | os.PathLike, size: int | tuple[int, int] | None
     pe = rows[0]
     x = 0.1
     p = config.patch_size
-    box(x, 1.55, "#e8eef7", "patch embed", [f"image {H}x{W}x{config.in_chans}", f"{p}x{p} conv, stride {p}",
-                                            f"-> {_hw(pe['map'])} tokens", f"{config.embed_dim} ch"], cost(pe))
+    box(
+        x,
+        1.55,
+        "#e8eef7",
+        "patch embed",
+        [
+            f"image {H}x{W}x{config.in_chans}",
+            f"{p}x{p} conv, stride {p}",
+            f"-> {_hw(pe['map'])} tokens",
+            f"{config.embed_dim} ch",
+        ],
+        cost(pe),
+    )
     x += 1.55
     stage_w, gap = 1.65, 0.4
     for r in stages:
@@ -1000,34 +1244,59 @@ def draw_model(model, out: str | os.PathLike, size: int | tuple[int, int] | None
         x += gap
         nwin = r["windows"][0] * r["windows"][1]
         shift = _square(r["shift"]) if any(b == "SW" for b in r["blocks"]) else "off"
-        top = [f"{_hw(r['map'])} tokens, {dim} ch", f"{len(r['blocks'])} blocks, {r['heads']} heads",
-               f"window {_square(r['window'])}, {nwin} window{'s' if nwin > 1 else ''}",
-               f"padded {_hw(r['padded'])}, shift {shift}"]
+        top = [
+            f"{_hw(r['map'])} tokens, {dim} ch",
+            f"{len(r['blocks'])} blocks, {r['heads']} heads",
+            f"window {_square(r['window'])}, {nwin} window{'s' if nwin > 1 else ''}",
+            f"padded {_hw(r['padded'])}, shift {shift}",
+        ]
         box(x, stage_w, "#fdf1e3", f"stage {r['part'][5:]}", top, cost(r))
         # the per-block shift pattern as small tiles
         blocks = r["blocks"]
         tile, space = min(0.3, (stage_w - 0.2) / len(blocks) - 0.04), 0.04
         x0 = x + stage_w / 2 - (len(blocks) * (tile + space) - space) / 2
         for j, b in enumerate(blocks):
-            ax_diagram.add_patch(FancyBboxPatch((x0 + j * (tile + space), 1.05), tile, 0.26,
-                                                boxstyle="round,pad=0,rounding_size=0.04",
-                                                facecolor="#f28e2b" if b == "SW" else "#bab0ac",
-                                                edgecolor="#333333", linewidth=0.6))
-            ax_diagram.text(x0 + j * (tile + space) + tile / 2, 1.18, b, ha="center", va="center",
-                            fontsize=6 if tile > 0.2 else 4.5, color="black")
+            ax_diagram.add_patch(
+                FancyBboxPatch(
+                    (x0 + j * (tile + space), 1.05),
+                    tile,
+                    0.26,
+                    boxstyle="round,pad=0,rounding_size=0.04",
+                    facecolor="#f28e2b" if b == "SW" else "#bab0ac",
+                    edgecolor="#333333",
+                    linewidth=0.6,
+                )
+            )
+            ax_diagram.text(
+                x0 + j * (tile + space) + tile / 2,
+                1.18,
+                b,
+                ha="center",
+                va="center",
+                fontsize=6 if tile > 0.2 else 4.5,
+                color="black",
+            )
         x += stage_w
     head = rows[-2]
     arrow(x + 0.02, x + gap - 0.02)
     x += gap
-    box(x, 1.55, "#e8f4ea", "head", ["final norm", "average pool", f"linear {head['channels'].replace('->', ' -> ')}"],
-        cost(head))
+    box(
+        x,
+        1.55,
+        "#e8f4ea",
+        "head",
+        ["final norm", "average pool", f"linear {head['channels'].replace('->', ' -> ')}"],
+        cost(head),
+    )
 
     parts = rows[:-1]
     labels = [r["part"].replace("patch_embed", "patch\nembed") for r in parts]
     ax_params = fig.add_axes((0.07, 0.07, 0.40, 0.22))
     ax_macs = fig.add_axes((0.57, 0.07, 0.40, 0.22))
-    for ax, key, scale, unit, color in ((ax_params, "params", 1e6, "parameters (M)", "#4e79a7"),
-                                        (ax_macs, "macs", 1e9, "GMACs", "#e15759")):
+    for ax, key, scale, unit, color in (
+        (ax_params, "params", 1e6, "parameters (M)", "#4e79a7"),
+        (ax_macs, "macs", 1e9, "GMACs", "#e15759"),
+    ):
         values = [r[key] / scale for r in parts]
         bars = ax.bar(range(len(parts)), values, color=color, width=0.65)
         ax.set_xticks(range(len(parts)), labels, fontsize=7)
@@ -1038,10 +1307,24 @@ def draw_model(model, out: str | os.PathLike, size: int | tuple[int, int] | None
             ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=6.5)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-    fig.text(0.5, 0.965, f"{name or 'model'}: Swin Transformer V{config.version} at {H}x{W}: "
-             f"{total['params']:,} parameters, {total['macs'] / 1e9:.2f} GMACs", ha="center", va="top",
-             fontsize=11, fontweight="bold")
-    fig.text(0.5, 0.915, "W: regular windows, SW: shifted windows; stage parameters and GMACs include the patch "
-             "merging into the next stage; GMACs in the official convention (multiply-accumulates)",
-             ha="center", va="top", fontsize=7.5, color="#444444")
+    fig.text(
+        0.5,
+        0.965,
+        f"{name or 'model'}: Swin Transformer V{config.version} at {H}x{W}: "
+        f"{total['params']:,} parameters, {total['macs'] / 1e9:.2f} GMACs",
+        ha="center",
+        va="top",
+        fontsize=11,
+        fontweight="bold",
+    )
+    fig.text(
+        0.5,
+        0.915,
+        "W: regular windows, SW: shifted windows; stage parameters and GMACs include the patch "
+        "merging into the next stage; GMACs in the official convention (multiply-accumulates)",
+        ha="center",
+        va="top",
+        fontsize=7.5,
+        color="#444444",
+    )
     return _save(fig, out)

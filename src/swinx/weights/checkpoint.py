@@ -42,7 +42,7 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)  # other parts of a detector / segmenter: neck.*, rpn_head.*, ...
     dropped: list[str] = field(default_factory=list)  # checkpoint tensors this model has no place for (a
     #                                                   backbone: head and final norm; output norms it lacks)
-    fresh: list[str] = field(default_factory=list)    # our parameters absent from the checkpoint, left as
+    fresh: list[str] = field(default_factory=list)  # our parameters absent from the checkpoint, left as
     #                                                   initialised (a backbone's output norms)
     notes: list[str] = field(default_factory=list)
 
@@ -90,7 +90,9 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], bool]:
     bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     state = {k.removeprefix("module."): v for k, v in source.items()} if not bad else {}
     if bad or not state:
-        raise CheckpointError("not a model state dict: " + (f"entries {bad[:5]} are not tensors" if bad else "it is empty"))
+        raise CheckpointError(
+            "not a model state dict: " + (f"entries {bad[:5]} are not tensors" if bad else "it is empty")
+        )
     return state, wrapped
 
 
@@ -110,8 +112,10 @@ def _read_file(path: Path) -> Mapping:
         except pickle.UnpicklingError as e:
             if "Unsupported global" not in str(e):  # garbage, not a refused class
                 raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
-            raise CheckpointError(f"{path} holds Python objects besides tensors and was not unpickled, since "
-                                  f"that could run code ({_refused_global(e)}). Re-save just the state dict.") from e
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors and was not unpickled, since "
+                f"that could run code ({_refused_global(e)}). Re-save just the state dict."
+            ) from e
         except Exception as e:
             if zipfile.is_zipfile(path) or path.suffix != ".bin":
                 raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
@@ -153,8 +157,12 @@ def load_checkpoint(model: SwinTransformer | SwinBackbone, source, layout: str =
         raise CheckpointError(f"cannot load a {layout} checkpoint into this model: {why}")
     backbone = isinstance(model, SwinBackbone)
     last = len(model.config.depths) - 1
-    if (not backbone and layout in ("official", "swinx") and "norm.weight" not in state
-            and f"norm{last}.weight" in state):
+    if (
+        not backbone
+        and layout in ("official", "swinx")
+        and "norm.weight" not in state
+        and f"norm{last}.weight" in state
+    ):
         # The official detection repo (and our backbone) names the last stage's norm norm{last}.
         state = {(f"norm.{k.split('.', 1)[1]}" if k.startswith(f"norm{last}.") else k): v for k, v in state.items()}
         report.notes.append(f"final norm read from the backbone's output norm norm{last}")
@@ -191,8 +199,11 @@ def load_checkpoint(model: SwinTransformer | SwinBackbone, source, layout: str =
         else:
             unexpected.append(key)
     if backbone:
-        report.head = ("head dropped (a backbone has no classifier; its final norm too)" if head_dropped
-                       else "none (a backbone has no classifier)")
+        report.head = (
+            "head dropped (a backbone has no classifier; its final norm too)"
+            if head_dropped
+            else "none (a backbone has no classifier)"
+        )
     if missing and all(_is_head(k) for k in missing):  # a backbone-only checkpoint
         report.head = "kept the model's own: the checkpoint has no classifier"
         missing = []
@@ -205,8 +216,10 @@ def load_checkpoint(model: SwinTransformer | SwinBackbone, source, layout: str =
     if layout == "torchvision" and model.small_map != "pad":
         model.small_map = report.small_map = "pad"
     if layout == "openmmlab" and model.small_map != "pad_shift":
-        report.notes.append(f"small_map kept {model.small_map!r}: mmdetection (and pad_small_map=True) uses "
-                            "'pad_shift', mmpretrain's default equals 'clamp' (model.small_map = ... to change)")
+        report.notes.append(
+            f"small_map kept {model.small_map!r}: mmdetection (and pad_small_map=True) uses "
+            "'pad_shift', mmpretrain's default equals 'clamp' (model.small_map = ... to change)"
+        )
     report.loaded = len(converted)
     return report
 
@@ -215,8 +228,9 @@ def _is_head(key: str) -> bool:
     return key.startswith(("head.", "classifier."))
 
 
-def _fit(key: str, tensor: torch.Tensor, target: torch.Tensor, model: SwinTransformer, report: LoadReport,
-         mismatched: list) -> torch.Tensor:
+def _fit(
+    key: str, tensor: torch.Tensor, target: torch.Tensor, model: SwinTransformer, report: LoadReport, mismatched: list
+) -> torch.Tensor:
     """Adapt a source tensor to our parameter's shape where that has a meaning, else record the mismatch."""
     if tensor.shape == target.shape:
         return tensor
@@ -258,8 +272,10 @@ def imagenet_22k_to_1k() -> torch.Tensor:
 
 
 def _describe(c: SwinConfig, backbone: bool = False) -> str:
-    return (f"V{c.version}, embed_dim {c.embed_dim}, depths {c.depths}, num_heads {c.num_heads}, "
-            f"window {c.window_size}, " + ("a backbone" if backbone else f"{c.num_classes} classes"))
+    return (
+        f"V{c.version}, embed_dim {c.embed_dim}, depths {c.depths}, num_heads {c.num_heads}, "
+        f"window {c.window_size}, " + ("a backbone" if backbone else f"{c.num_classes} classes")
+    )
 
 
 def _mismatch_message(layout, missing, unexpected, mismatched, state, model) -> str:
@@ -280,9 +296,11 @@ def _mismatch_message(layout, missing, unexpected, mismatched, state, model) -> 
         found = f"The checkpoint looks like {_describe(layouts.infer_config(state, layout))}; the model is "
     except (ValueError, KeyError, AttributeError, StopIteration):
         found = "The model is "
-    lines.append(found + _describe(config, isinstance(model, SwinBackbone)) + ". Build the model "
-                 "the checkpoint was made for "
-                 "(swinx.list_models(), swinx.weights.layouts.infer_config), or pass layout= explicitly.")
+    lines.append(
+        found + _describe(config, isinstance(model, SwinBackbone)) + ". Build the model "
+        "the checkpoint was made for "
+        "(swinx.list_models(), swinx.weights.layouts.infer_config), or pass layout= explicitly."
+    )
     return "\n".join(lines)
 
 
@@ -305,8 +323,10 @@ def export_state_dict(model: SwinTransformer | SwinBackbone, layout: str = "swin
     if (why := layouts.unsupported(layout, model.config)) is not None:
         raise ValueError(f"cannot export to the {layout} layout: {why}")
     if isinstance(model, SwinBackbone) and layout not in BACKBONE_LAYOUTS:
-        raise ValueError(f"cannot export a backbone to the {layout} layout: it has no output norms (norm0..); "
-                         f"choose one of {BACKBONE_LAYOUTS}")
+        raise ValueError(
+            f"cannot export a backbone to the {layout} layout: it has no output norms (norm0..); "
+            f"choose one of {BACKBONE_LAYOUTS}"
+        )
     out: dict[str, torch.Tensor] = {}
     split: dict[str, dict[int, torch.Tensor]] = {}
     for key, tensor in model.state_dict().items():
@@ -350,8 +370,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.close(dir_fd)
 
 
-def save_model(model: SwinTransformer | SwinBackbone, path: str | os.PathLike, class_names: list[str] | None = None,
-               extra_metadata: dict[str, str] | None = None) -> None:
+def save_model(
+    model: SwinTransformer | SwinBackbone,
+    path: str | os.PathLike,
+    class_names: list[str] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
     """Write weights as safetensors with the config (and class names) in the metadata, atomically.
 
     A backbone also records its out_indices, frozen_stages and norm_eval, and `load_model` rebuilds it."""
@@ -361,8 +385,9 @@ def save_model(model: SwinTransformer | SwinBackbone, path: str | os.PathLike, c
         raise ValueError(f"{len(class_names)} class names for a model with {classes} classes")
     metadata = {"format": "swinx", "config": json.dumps(model.config.to_dict())}
     if isinstance(model, SwinBackbone):
-        metadata["backbone"] = json.dumps({"out_indices": list(model.out_indices), "norm_eval": model.norm_eval,
-                                           "frozen_stages": model.frozen_stages})
+        metadata["backbone"] = json.dumps(
+            {"out_indices": list(model.out_indices), "norm_eval": model.norm_eval, "frozen_stages": model.frozen_stages}
+        )
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
     metadata.update(extra_metadata or {})
@@ -386,8 +411,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise CheckpointError(f"model file {path} does not exist")
     metadata = read_metadata(path)
     if metadata.get("format") != "swinx" or "config" not in metadata:
-        raise CheckpointError(f"{path} has no swinx config in its metadata; build the model with "
-                              "swinx.create_model(...) and use swinx.load_checkpoint(model, path)")
+        raise CheckpointError(
+            f"{path} has no swinx config in its metadata; build the model with "
+            "swinx.create_model(...) and use swinx.load_checkpoint(model, path)"
+        )
     config = SwinConfig.from_dict(json.loads(metadata["config"]))
     if "backbone" in metadata:
         model = SwinBackbone(config, **json.loads(metadata["backbone"]))

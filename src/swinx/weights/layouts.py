@@ -112,34 +112,52 @@ def _hf_rule(projections: tuple[str, str, str, str], table: str, mlp: tuple[str,
         if key.startswith("head."):
             return [Piece("classifier." + key[5:])]
         if key.startswith("patch_embed."):
-            return [Piece(base + key.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection.")
-                          .replace("patch_embed.norm.", "embeddings.norm."))]
+            return [
+                Piece(
+                    base
+                    + key.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection.").replace(
+                        "patch_embed.norm.", "embeddings.norm."
+                    )
+                )
+            ]
         if key.startswith("norm."):
             return [Piece(base + "layernorm." + key[5:])]
         if m := _BLOCK.fullmatch(key):
             prefix, name = f"{base}encoder.layers.{m[1]}.blocks.{m[2]}.", m[3]
             param = name.rsplit(".", 1)[-1]
-            renames = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "mlp.fc1.": mlp[0] + ".",
-                       "mlp.fc2.": mlp[1] + ".", "attn.proj.": out + ".",
-                       "attn.relative_position_bias_table": table,
-                       "attn.logit_scale": "attention.self.logit_scale",
-                       "attn.cpb_mlp.": "attention.self.continuous_position_bias_mlp.",
-                       "attn.q_bias": q + ".bias", "attn.v_bias": v + ".bias"}
+            renames = {
+                "norm1.": "layernorm_before.",
+                "norm2.": "layernorm_after.",
+                "mlp.fc1.": mlp[0] + ".",
+                "mlp.fc2.": mlp[1] + ".",
+                "attn.proj.": out + ".",
+                "attn.relative_position_bias_table": table,
+                "attn.logit_scale": "attention.self.logit_scale",
+                "attn.cpb_mlp.": "attention.self.continuous_position_bias_mlp.",
+                "attn.q_bias": q + ".bias",
+                "attn.v_bias": v + ".bias",
+            }
             if name.startswith("attn.qkv."):
                 return [Piece(f"{prefix}{p}.{param}") for p in (q, k, v)]
             for ours, theirs in renames.items():
                 if name.startswith(ours):
-                    return [Piece(prefix + theirs + name[len(ours):])]
+                    return [Piece(prefix + theirs + name[len(ours) :])]
             return [Piece(prefix + name)]
         return [Piece(base + "encoder." + key)]  # layers.i.downsample.*
 
     return rule
 
 
-_HF_HUB = _hf_rule(("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
-                   "attention.self.relative_position_bias_table", ("intermediate.dense", "output.dense"))
-_HF_V1 = _hf_rule(("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
-                  "attention.relative_position_bias.relative_position_bias_table", ("mlp.fc1", "mlp.fc2"))
+_HF_HUB = _hf_rule(
+    ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+    "attention.self.relative_position_bias_table",
+    ("intermediate.dense", "output.dense"),
+)
+_HF_V1 = _hf_rule(
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
+    "attention.relative_position_bias.relative_position_bias_table",
+    ("mlp.fc1", "mlp.fc2"),
+)
 
 
 def _hf(key: str, config: SwinConfig) -> list[Piece]:
@@ -168,13 +186,20 @@ def _openmmlab(key: str, config: SwinConfig) -> list[Piece]:
         prefix, name = f"{MM}stages.{m[1]}.blocks.{m[2]}.", m[3]
         for ours, theirs in _MM_BLOCK.items():
             if name.startswith(ours):
-                return [Piece(prefix + theirs + name[len(ours):])]
+                return [Piece(prefix + theirs + name[len(ours) :])]
         return [Piece(prefix + name)]  # norm1, norm2
     return [Piece(MM + key)]  # absolute_pos_embed, a backbone's output norms norm0..norm3
 
 
-RULES: dict[str, Rule] = {"swinx": _official, "official": _official, "timm": _timm, "torchvision": _torchvision,
-                          "hf": _hf, "hf-hub": _HF_HUB, "openmmlab": _openmmlab}
+RULES: dict[str, Rule] = {
+    "swinx": _official,
+    "official": _official,
+    "timm": _timm,
+    "torchvision": _torchvision,
+    "hf": _hf,
+    "hf-hub": _HF_HUB,
+    "openmmlab": _openmmlab,
+}
 
 # The output norms of a dense backbone (ours, OpenMMLab's, the official detection repo's).
 OUTPUT_NORM = re.compile(r"(?:backbone\.)?norm(\d+)\.(weight|bias)")
@@ -217,8 +242,10 @@ def detect_layout(state_dict: dict[str, torch.Tensor], wrapped: bool = False) ->
         return "timm"
     if "patch_embed.proj.weight" in state_dict:
         return "official" if wrapped or has("relative_position_index") else "swinx"
-    raise ValueError("unrecognised checkpoint layout: no patch embedding key of any known layout "
-                     f"(first keys: {keys[:5]}); pass layout= one of {LAYOUTS}")
+    raise ValueError(
+        "unrecognised checkpoint layout: no patch embedding key of any known layout "
+        f"(first keys: {keys[:5]}); pass layout= one of {LAYOUTS}"
+    )
 
 
 def model_parts(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -268,7 +295,7 @@ def derived_buffers(layout: str, model) -> dict[str, torch.Tensor]:
         return out
     grid = model.grid_size
     for i, stage in enumerate(model.layers):
-        res = (-(-grid[0] // 2 ** i), -(-grid[1] // 2 ** i))
+        res = (-(-grid[0] // 2**i), -(-grid[1] // 2**i))
         for j, block in enumerate(stage.blocks):
             attn = block.attn
             if layout == "openmmlab":  # built for the nominal window, whatever the map; no mask buffer
@@ -329,9 +356,17 @@ def infer_config(state_dict: dict[str, torch.Tensor], layout: str) -> SwinConfig
     fc1 = get("layers.0.blocks.0.mlp.fc1.weight")
     bias_key = "attn.qkv.bias" if version == 1 else "attn.q_bias"
     return SwinConfig(
-        version=version, patch_size=embed.shape[-1], in_chans=embed.shape[1], embed_dim=embed.shape[0],
-        depths=tuple(depths), num_heads=tuple(heads), window_size=window,
-        num_classes=head.shape[0] if head is not None else 0, mlp_ratio=fc1.shape[0] / embed.shape[0],
+        version=version,
+        patch_size=embed.shape[-1],
+        in_chans=embed.shape[1],
+        embed_dim=embed.shape[0],
+        depths=tuple(depths),
+        num_heads=tuple(heads),
+        window_size=window,
+        num_classes=head.shape[0] if head is not None else 0,
+        mlp_ratio=fc1.shape[0] / embed.shape[0],
         qkv_bias=get(f"layers.0.blocks.0.{bias_key}") is not None or layout == "torchvision",
-        ape=name("absolute_pos_embed") in state_dict, patch_norm=get("patch_embed.norm.weight") is not None,
-        img_size=probe.img_size)
+        ape=name("absolute_pos_embed") in state_dict,
+        patch_norm=get("patch_embed.norm.weight") is not None,
+        img_size=probe.img_size,
+    )
