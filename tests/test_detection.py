@@ -408,7 +408,10 @@ def test_blemishes_are_fixed_counted_and_recorded(tmp_path, capsys):
         main(["detect", "train", "--data", str(root), "--out", str(run), *TRAIN, "--epochs", "1", "--batch-size", "2"])
         == 0
     )
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    # A user's data with no model or recipe chosen: the settings are fitted, said, and timed.
+    assert "picked a small swin_t" in captured.out and "estimated training time" in captured.out
     assert "clipped 1 box" in err and "dropped 1 box" in err and "category_id" in err and "unreadable" in err
     row = rows_of(run)[0]
     fixes = row["data_fixes"]["train"]

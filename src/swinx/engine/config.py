@@ -53,6 +53,12 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise TrainError(f"--amp must be auto, bf16, fp16 or off, got {amp!r}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on norms, biases, position-bias tables, cpb MLP and logit scale.
 

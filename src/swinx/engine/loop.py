@@ -192,10 +192,10 @@ class Engine:
     def __init__(self, task: Task, ddp: Dist, device: torch.device):
         cfg = task.cfg
         self.task, self.cfg, self.ddp, self.device = task, cfg, ddp, device
-        self.dtype = amp_dtype(cfg.amp, device)
         seed_epoch(cfg.seed, 0, 0)  # the same initial weights on every rank
         task.build(ddp, device)
         self.cfg = cfg = task.cfg  # a task may fit its settings to the data it found
+        self.dtype = amp_dtype(cfg.amp, device)
         self.model = task.model
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
