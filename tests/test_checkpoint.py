@@ -631,3 +631,20 @@ def test_save_model_file_permissions_follow_umask(tmp_path):
     path = tmp_path / "model.safetensors"
     save_model(small(1), path)
     assert oct(path.stat().st_mode & 0o777) == oct(reference.stat().st_mode & 0o777)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_gray_weights_load_into_a_colour_model_and_back(version):
+    """A 1-channel patch embedding repeated over 3 channels (/3): a gray image repeated as RGB gives the
+    same outputs (an MNIST `swinx train` run initialising a detector on RGB images); summed back for gray."""
+    gray = small(version, in_chans=1).eval()
+    colour = small(version, seed=1, in_chans=3).eval()
+    report = load_checkpoint(colour, gray.state_dict())
+    assert any("input channels 1 -> 3" in r for r in report.resized), report
+    x = image()[:, :1]
+    with torch.no_grad():
+        assert torch.allclose(colour(x.repeat(1, 3, 1, 1)), gray(x), atol=1e-5)
+    back = small(version, seed=2, in_chans=1).eval()
+    load_checkpoint(back, colour.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(back(x), gray(x), atol=1e-5)

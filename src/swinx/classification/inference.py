@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from swinx.classification import data as D
+from swinx.engine.data import SkippingCollate
 from swinx.model.swin import SwinTransformer
 from swinx.weights.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata, read_state_dict
 from swinx.weights.layouts import detect_layout, infer_config
@@ -229,7 +230,7 @@ def evaluate_checkpoint(
 
     loaded = load_for_inference(checkpoint, device)
     dataset, where = eval_dataset(loaded, data)
-    loader = data_loader(dataset, batch_size, None, workers, D.SkippingCollate())
+    loader = data_loader(dataset, batch_size, None, workers, SkippingCollate())
     result = evaluate(loaded.model, loader, len(loaded.class_names), torch.device(device))
     if result["count"] == 0:
         raise D.DataError(f"no readable images in {where}")

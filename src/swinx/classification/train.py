@@ -26,6 +26,7 @@ from swinx.classification.recipe import (
     soft_cross_entropy,
     warmup_cosine,
 )
+from swinx.engine.data import ShardSampler, SkippingCollate
 from swinx.engine.loop import Best, Dist, Engine, data_loader, run
 from swinx.model.swin import SwinTransformer
 from swinx.model.variants import create_model
@@ -162,13 +163,13 @@ class ClassificationTask:
             cfg.batch_size,
             sampler,
             cfg.workers,
-            D.SkippingCollate(),
+            SkippingCollate(),
             drop_last=len(sampler) >= 2 * cfg.batch_size,
         )
         self.val_loader = None
         if self.data.val is not None:
-            shard = D.ShardSampler(len(self.data.val), ddp.rank, ddp.world)
-            self.val_loader = data_loader(self.data.val, cfg.batch_size, shard, cfg.workers, D.SkippingCollate())
+            shard = ShardSampler(len(self.data.val), ddp.rank, ddp.world)
+            self.val_loader = data_loader(self.data.val, cfg.batch_size, shard, cfg.workers, SkippingCollate())
         self.mixer = mix_transform(cfg, self.num_classes)
 
     def initialise(self, init: str) -> str:

@@ -313,7 +313,7 @@ def fit_to_data(cfg: DetectConfig, chosen: set[str], train: D.CocoDetection) -> 
     picked.update(
         train_sizes=[side - 32, side, side + 32],
         max_size=math.ceil((side + 32) * long / short) + 1,
-        img_size=str(side),
+        img_size=None,  # each image at its own size: a user's photos are not all square
         eval_sizes=[],
         hflip=0.5,
     )

@@ -249,6 +249,14 @@ def _fit(
             return tensor[imagenet_22k_to_1k()]
         report.head = f"replaced: the source has {rows} classes, the model {target.shape[0]}; new head initialised"
         return target
+    if key == "patch_embed.proj.weight" and tensor.shape[0] == target.shape[0] and tensor.shape[2:] == target.shape[2:]:
+        src, dst = tensor.shape[1], target.shape[1]
+        if src == 1:  # gray to colour: a gray image repeated over the channels gives the same embedding
+            report.resized.append(f"patch_embed.proj.weight input channels {src} -> {dst} (repeated, / {dst})")
+            return tensor.repeat(1, dst, 1, 1) / dst
+        if dst == 1:  # colour to gray: a gray image seen as its colour repetition
+            report.resized.append(f"patch_embed.proj.weight input channels {src} -> 1 (summed)")
+            return tensor.sum(1, keepdim=True)
     if key == "absolute_pos_embed" and tensor.shape[-1] == target.shape[-1]:
         report.resized.append("absolute_pos_embed")
         return _resize_pos_embed(tensor, model.grid_size)
