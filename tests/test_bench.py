@@ -138,6 +138,7 @@ def test_build_rejects_unknown_implementations_and_names(swin_t_randomized):
 # compare(): every implementation, same weights, interleaved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_compare_reports_every_implementation(mode, monkeypatch):
     # On the CPU the peak memory is the peak RSS of a fresh process per implementation
@@ -205,6 +206,7 @@ def test_train_workload_steps_the_weights():
 # Memory
 
 
+@pytest.mark.slow
 def test_process_peak_rss_measures_the_child_alone_and_grows_with_the_batch(monkeypatch):
     """A fresh process builds swin_t and runs three training steps at 128 x 128; its peak RSS is
     reported in MB: more than PyTorch plus 112 MB of float32 weights, their gradients and AdamW's
@@ -402,6 +404,7 @@ def test_scaling_rows(monkeypatch):
     assert rows[0]["global_ms"] > 0 and rows[1]["global_ms"] is None  # beyond measured_global_max
 
 
+@pytest.mark.slow
 def test_onnxruntime_implementation_runs_our_export(tmp_path):
     torch.manual_seed(0)
     model = swinx.SwinTransformer(

@@ -264,6 +264,7 @@ def test_init_from_a_classification_run(scene_dir, tmp_path, capsys):
 # Resume, DDP
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(scene_dir, tmp_path):
     base = [PYTHON, "-m", "swinx", *detect_cmd(scene_dir, tmp_path / "x", "--epochs", "3")][:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

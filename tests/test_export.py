@@ -329,6 +329,7 @@ def test_predict_onnx_bad_files(tmp_path, capsys):
         main(["predict", "--onnx", str(junk), "--checkpoint", "x", *images])
 
 
+@pytest.mark.slow
 def test_failed_verification_leaves_the_old_file(tmp_path, monkeypatch):
     from swinx.tools import export
 

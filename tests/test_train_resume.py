@@ -320,6 +320,7 @@ def kill_after_epochs(process: subprocess.Popen, run: Path, epochs: int, timeout
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     """`kill -9` on a subprocess once epoch 2's metrics line is written (save_epoch writes it first)."""
     data = make_tree(tmp_path / "data", 150, 6)  # about a second an epoch
@@ -375,6 +376,7 @@ def test_train_transform_without_augmentation_is_deterministic():
         assert all(torch.equal(o, outputs[0]) for o in outputs), size
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_data, tmp_path):
     env = child_env()
     flags = [*NO_AUGMENT, "--epochs", "3", "--lr", "0.2"]
