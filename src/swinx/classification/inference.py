@@ -12,6 +12,7 @@ import torch
 
 from swinx.classification import data as D
 from swinx.engine.data import SkippingCollate
+from swinx.engine.rundir import resolve_checkpoint  # noqa: F401 - part of this module's API
 from swinx.model.swin import SwinTransformer
 from swinx.weights.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata, read_state_dict
 from swinx.weights.layouts import detect_layout, infer_config
@@ -26,22 +27,6 @@ class Loaded:
     input: dict
     train_config: dict | None
     path: Path
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A file, or a run directory (its best.safetensors, else last.safetensors)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(
-            f"{path} is a directory without best.safetensors or last.safetensors; "
-            "give a checkpoint file or a swinx run directory"
-        )
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return path
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> Loaded:

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from swinx.classification import data as D
-from swinx.engine.config import TrainError, amp_dtype, check_engine_settings, param_groups, warmup_cosine  # noqa: F401
+from swinx.engine.config import (  # noqa: F401 - TrainError, amp_dtype, param_groups, warmup_cosine re-exported
+    TrainError,
+    amp_dtype,
+    check_engine_settings,
+    param_groups,
+    read_settings,
+    warmup_cosine,
+)
 
 
 @dataclass
@@ -134,20 +140,7 @@ MNIST_PRESET = dict(
 
 def resolve_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults, then the MNIST preset when no data is given, then a YAML file, then flags."""
-    settings: dict = {}
-    if yaml_path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text())
-        except OSError as e:
-            raise TrainError(f"cannot read config file {yaml_path}: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise TrainError(f"config file {yaml_path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise TrainError(f"config file {yaml_path} must hold a mapping of settings, got {type(loaded).__name__}")
-        settings.update(loaded)
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = read_settings(yaml_path, overrides)
     base = {} if settings.get("data") else dict(MNIST_PRESET)
     base.update(settings)
     return TrainConfig.from_dict(base)

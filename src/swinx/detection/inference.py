@@ -16,6 +16,7 @@ from swinx.detection.evaluate import coco_evaluate
 from swinx.detection.model import set_eval_size
 from swinx.engine.data import READ_ERRORS, DataError, ShardSampler, open_image
 from swinx.engine.loop import Dist
+from swinx.engine.rundir import resolve_checkpoint  # noqa: F401 - part of this module's API
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -32,19 +33,6 @@ class LoadedDetector:
     img_size: str | None  # the evaluation size the run used (None: native)
     train_config: dict
     path: Path
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run directory means its best.safetensors (else last.safetensors)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise DetectError(f"{path} holds no best.safetensors or last.safetensors: not a finished detection run")
-    if not path.is_file():
-        raise DetectError(f"checkpoint {path} does not exist")
-    return path
 
 
 def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedDetector:

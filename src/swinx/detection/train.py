@@ -28,6 +28,7 @@ from swinx.engine.config import (
     check_engine_settings,
     cpu_has_native_bf16,
     param_groups,
+    read_settings,
     warmup_cosine,
     warmup_step,
 )
@@ -197,20 +198,7 @@ def scenes_preset() -> dict:
 def resolve_config(yaml_path: str | None = None, overrides: dict | None = None) -> DetectConfig:
     """Defaults, then the digit-scenes preset when no data is given, then a YAML file, then flags.
     (With --data and no model or recipe chosen, `fit_to_data` adapts the settings when training starts.)"""
-    settings: dict = {}
-    if yaml_path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text())
-        except OSError as e:
-            raise TrainError(f"cannot read config file {yaml_path}: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise TrainError(f"config file {yaml_path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise TrainError(f"config file {yaml_path} must hold a mapping of settings, got {type(loaded).__name__}")
-        settings.update(loaded)
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = read_settings(yaml_path, overrides)
     base = {} if settings.get("data") else scenes_preset()
     base.update(settings)
     return DetectConfig.from_dict(base)

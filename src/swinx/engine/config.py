@@ -12,12 +12,32 @@ and `to_dict()` for config.yaml. `check_engine_settings` validates them for any 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 
 class TrainError(RuntimeError):
     """A run cannot start or continue; the message says why and what to do."""
+
+
+def read_settings(yaml_path: str | None = None, overrides: dict | None = None) -> dict:
+    """A YAML file's settings, then the flags that were given (None: not given) on top."""
+    settings: dict = {}
+    if yaml_path is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text())
+        except OSError as e:
+            raise TrainError(f"cannot read config file {yaml_path}: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise TrainError(f"config file {yaml_path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise TrainError(f"config file {yaml_path} must hold a mapping of settings, got {type(loaded).__name__}")
+        settings.update(loaded)
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return settings
 
 
 def check_engine_settings(cfg) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from swinx.engine.config import TrainError
-from swinx.weights.checkpoint import atomic_write
+from swinx.weights.checkpoint import CheckpointError, atomic_write
 
 STATE_FORMAT = 1
 logger = logging.getLogger("swinx")
@@ -148,3 +148,19 @@ class RunDir:
         except ImportError:
             return None
         return SummaryWriter(str(self.file("tensorboard")))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A file, or a run directory (its best.safetensors, else last.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"{path} is a directory without best.safetensors or last.safetensors; "
+            "give a checkpoint file or a swinx run directory"
+        )
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
