@@ -189,8 +189,8 @@ SCENES_PRESET = dict(
 
 
 def scenes_preset() -> dict:
-    """SCENES_PRESET, training in bfloat16 autocast on a CPU that computes bf16 natively (about 1.8x
-    faster here; validation stays float32), in float32 elsewhere."""
+    """SCENES_PRESET, training in bfloat16 autocast on a CPU that computes bf16 natively (1.2-1.5x
+    faster per step on an AVX512-BF16 EPYC; validation stays float32), in float32 elsewhere."""
     on_cpu = not torch.cuda.is_available()
     return dict(SCENES_PRESET, amp="bf16" if on_cpu and cpu_has_native_bf16() else "auto")
 
