@@ -31,7 +31,9 @@ box of the visible mask (alpha > 0.5), area = its pixel count, segmentation = co
 from pycocotools.mask.encode with counts as str, iscrowd 0. Deterministic from --seed.
 
 Writes OUT/train/*.jpg, OUT/val/*.jpg (JPEG quality 90), OUT/annotations/instances_train.json,
-OUT/annotations/instances_val.json.
+OUT/annotations/instances_val.json. With --semantic, the same images as semantic segmentation:
+OUT/images/{train,val}/*.jpg, OUT/annotations/{train,val}/*.png (0 background, 1-5 the classes in
+the order coin, cat, cup, flower, rocket) and OUT/classes.json.
 """
 
 from __future__ import annotations
@@ -318,18 +320,48 @@ def write_split(out: Path, split: str, n: int, seed: int, first_image_id: int, f
     return len(images), len(anns), ann_id
 
 
+def write_semantic_split(out: Path, split: str, n: int, seed: int, objs, bgs, weights) -> int:
+    """The same images as `write_split`, as semantic segmentation in the ADE20K folder convention:
+    images/<split>/*.jpg and annotations/<split>/*.png holding 0 (background) or 1 + the category's
+    position in CATEGORIES for each pixel of an object's visible mask."""
+    index = {c["id"]: i + 1 for i, c in enumerate(CATEGORIES)}
+    for folder in ("images", "annotations"):
+        (out / folder / split).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+        img, inst = make_image(objs, bgs, weights, rng)
+        labels = np.zeros(img.shape[:2], np.uint8)
+        for cid, m in inst:
+            labels[m] = index[cid]
+        Image.fromarray(img).save(out / "images" / split / f"{split}_{i:05d}.jpg", quality=90)
+        Image.fromarray(labels, "L").save(out / "annotations" / split / f"{split}_{i:05d}.png")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--train", type=int, default=300)
     ap.add_argument("--val", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--semantic",
+        action="store_true",
+        help="write semantic segmentation (images/, annotations/ index PNGs, classes.json) instead of COCO",
+    )
     args = ap.parse_args(argv)
     t0 = time.time()
     objs = object_sources()
     bgs = background_sources()
     weights = np.array([b[2] for b in bgs], float)
     weights /= weights.sum()
+    if args.semantic:
+        for split, n in (("train", args.train), ("val", args.val)):
+            write_semantic_split(args.out, split, n, args.seed, objs, bgs, weights)
+        classes = ["background"] + [c["name"] for c in CATEGORIES]
+        (args.out / "classes.json").write_text(json.dumps({"classes": classes}))
+        print(f"{args.out}: train {args.train} / val {args.val} images, classes {classes}, {time.time() - t0:.1f} s")
+        return 0
     ni, na, next_ann = write_split(args.out, "train", args.train, args.seed, 1, 1, objs, bgs, weights)
     vi, va, _ = write_split(args.out, "val", args.val, args.seed, 1 + args.train, next_ann, objs, bgs, weights)
     print(

@@ -61,7 +61,7 @@ def test_scenes_are_deterministic(scene_dir, tmp_path):
 
 
 def test_scenes_use_disjoint_digit_pools(scene_dir):
-    pools = scenes._digit_pools()
+    pools = scenes.digit_pools()
     used = {}
     for split in ("train", "val"):
         doc = json.loads((scene_dir / "annotations" / f"instances_{split}.json").read_text())
@@ -119,7 +119,7 @@ def test_scene_annotations_are_tight_and_consistent(scene_dir):
 
 
 def test_digit_sprite_keeps_shape():
-    digit = scenes._digit_pools()["train"][0]
+    digit = scenes.digit_pools()["train"][0]
     for side in (12, 28, 75):
         sprite = scenes.digit_sprite(digit, side)
         assert max(sprite.shape) == side and sprite.dtype == np.uint8

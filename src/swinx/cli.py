@@ -160,37 +160,45 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class=None, helps: 
 
 
 def _number_or_text(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
-def cmd_train(args) -> int:
+RESUME_KEEPS = ("epochs", "workers", "progress", "device")  # the flags a resumed run may change
+
+
+def config_from_args(args, config_class, resolve_config) -> tuple[object, set[str]]:
+    """A train command's settings: with --resume the run's config.yaml (only RESUME_KEEPS flags
+    apply), else preset, --config YAML and flags via `resolve_config`. Also returns the names of
+    the settings the user chose (YAML or flags), which a task may not refit to the data."""
     import dataclasses
 
-    from swinx.classification.recipe import TrainConfig, resolve_config
-    from swinx.classification.train import train
-
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if args.resume:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    chosen = {k for k, v in overrides.items() if v is not None}
+    if getattr(args, "resume", None):
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ValueError(
                 f"{args.resume} is not a swinx run directory (no config.yaml); give the --out "
                 "directory of the run to resume"
             )
-        config = resolve_config(
-            str(saved),
-            {
-                "epochs": overrides["epochs"],
-                "workers": overrides["workers"],
-                "progress": overrides["progress"],
-                "device": overrides["device"],
-            },
-        )
-    else:
-        config = resolve_config(args.config, overrides)
+        return resolve_config(str(saved), {k: overrides[k] for k in RESUME_KEEPS}), chosen
+    if getattr(args, "config", None):
+        import yaml
+
+        chosen |= set(yaml.safe_load(Path(args.config).read_text()) or {})
+    return resolve_config(args.config, overrides), chosen
+
+
+def cmd_train(args) -> int:
+    from swinx.classification.recipe import TrainConfig, resolve_config
+    from swinx.classification.train import train
+
+    config, _ = config_from_args(args, TrainConfig, resolve_config)
     train(config, resume=args.resume, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)  # torchrun's
     return 0
 
@@ -592,6 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     from swinx.detection.cli import add_detect_parser
 
     add_detect_parser(sub)
+
+    from swinx.segmentation.cli import add_segment_parser
+
+    add_segment_parser(sub)
 
     p = sub.add_parser("demo", help="smoke demo: any input size, every checkpoint layout")
     p.add_argument("--model", default="swin_t")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from pathlib import Path
 
 DETECT_HELP = {
     "data": "COCO root: annotations/instances_{train,val}*.json beside {train,val}*/ image folders "
@@ -27,28 +25,13 @@ DETECT_HELP = {
     "progress": "progress bar: auto (on a terminal), on or off",
     "max_bad_images": "stop when an epoch has more unreadable images than this (default: skip them all)",
 }
-RESUME_KEEPS = ("epochs", "workers", "progress", "device")
 
 
 def cmd_train(args) -> int:
+    from swinx.cli import config_from_args
     from swinx.detection.train import DetectConfig, resolve_config, train
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DetectConfig)}
-    chosen = {k for k, v in overrides.items() if v is not None}
-    if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise ValueError(
-                f"{args.resume} is not a swinx run directory (no config.yaml); give the --out "
-                "directory of the run to resume"
-            )
-        config = resolve_config(str(saved), {k: overrides[k] for k in RESUME_KEEPS})
-    else:
-        if args.config:
-            import yaml
-
-            chosen |= set(yaml.safe_load(Path(args.config).read_text()) or {})
-        config = resolve_config(args.config, overrides)
+    config, chosen = config_from_args(args, DetectConfig, resolve_config)
     train(config, resume=args.resume, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1, chosen=chosen)
     return 0
 

@@ -42,7 +42,7 @@ SCENES_VERSION = 1
 
 
 @functools.lru_cache(maxsize=1)
-def _digit_pools() -> dict[str, np.ndarray]:
+def digit_pools() -> dict[str, np.ndarray]:
     """{"train": (4000, 28, 28) uint8, "val": (1000, 28, 28) uint8}: the two disjoint halves of mnist5k."""
     from swinx.classification.data import mnist5k
 
@@ -94,7 +94,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return field
 
 
-def _scene(
+def compose_scene(
     rng: np.random.Generator,
     pool: np.ndarray,
     labels: np.ndarray,
@@ -135,7 +135,7 @@ def _scene(
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), instances
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -180,7 +180,7 @@ def make_scenes(
     ann_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         (ann_dir / f"instances_{split}.json").unlink(missing_ok=True)
-    pools = _digit_pools()
+    pools = digit_pools()
     params = _params(train_scenes, val_scenes, size, digits, scale, seed)
     categories = [{"id": i + 1, "name": name, "supercategory": "digit"} for i, name in enumerate(CLASSES)]
     documents = {}
@@ -190,12 +190,12 @@ def make_scenes(
         (out / split).mkdir(exist_ok=True)
         images, annotations = [], []
         for i in range(count):
-            canvas, instances = _scene(rng, pools[split], pools[f"{split}_labels"], size, digits, scale)
+            canvas, instances = compose_scene(rng, pools[split], pools[f"{split}_labels"], size, digits, scale)
             file_name = f"{i:06d}.png"
             buffer = io.BytesIO()
             # Level 3 encodes about twice as fast as the default 6 for files ~10% larger.
             Image.fromarray(canvas, "RGB").save(buffer, format="PNG", compress_level=3)
-            _write_atomic(out / split / file_name, buffer.getvalue())
+            write_atomic(out / split / file_name, buffer.getvalue())
             image_id = i + 1
             images.append(
                 {
@@ -234,7 +234,7 @@ def make_scenes(
             "categories": categories,
         }
     for split in ("train", "val"):
-        _write_atomic(ann_dir / f"instances_{split}.json", json.dumps(documents[split], separators=(",", ":")).encode())
+        write_atomic(ann_dir / f"instances_{split}.json", json.dumps(documents[split], separators=(",", ":")).encode())
     return out
 
 

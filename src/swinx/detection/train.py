@@ -27,14 +27,16 @@ from swinx.engine.config import (
     TrainError,
     check_engine_settings,
     cpu_has_native_bf16,
+    default_workers,
     param_groups,
+    parse_size,
     read_settings,
     warmup_cosine,
     warmup_step,
 )
 from swinx.engine.data import DataError
 from swinx.engine.loop import Best, Dist, Engine, data_loader, run
-from swinx.weights.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from swinx.weights.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_task_model
 
 logger = logging.getLogger("swinx")
 AMP_NAMES = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
@@ -134,27 +136,6 @@ class DetectConfig:
         if unknown:
             raise TrainError(f"unknown detection setting(s) {unknown}; valid settings: {sorted(known)}")
         return cls(**d)
-
-
-def default_workers() -> int:
-    """Data-loading worker processes for this machine: none on 1-2 cores (the main process decodes
-    between steps and the model keeps the cores busy), else up to 4 leaving two cores to compute."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores <= 2 else min(4, cores - 2)
-
-
-def parse_size(text) -> tuple[int, int]:
-    """ "416" -> (416, 416); "608x416" -> (608, 416) as (H, W)."""
-    parts = str(text).lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values, default=0) < 32:
-        raise ValueError(f"image size {text!r}: expected N or HxW with sides of at least 32, e.g. 416 or 608x416")
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
 # The built-in default: a 2.8M-parameter detector, Swin (embed 32, depths 2-2-2-2) from scratch
@@ -503,17 +484,8 @@ class _HeadsOnly(torch.nn.Module):
 
 def save_detector(model: torch.nn.Module, path: Path, spec: dict, classes: list[str], metadata: dict[str, str]) -> None:
     """Our detector format: safetensors weights with the network spec and class names in the metadata, atomic."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {
-        "format": "swinx",
-        "task": "detection",
-        "detector": json.dumps(spec),
-        "classes": json.dumps(classes),
-        **metadata,
-    }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    meta = {"detector": json.dumps(spec), "classes": json.dumps(classes), **metadata}
+    save_task_model(model, path, "detection", meta)
 
 
 def train(

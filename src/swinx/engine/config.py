@@ -12,6 +12,7 @@ and `to_dict()` for config.yaml. `check_engine_settings` validates them for any 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -117,3 +118,37 @@ def warmup_step(base_lr: float, warmup_lr: float, warmup_steps: int, milestones:
         return gamma ** sum(step >= m for m in milestones)
 
     return factor
+
+
+def warmup_poly(base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int, power=1.0):
+    """Multiplier of base_lr at optimizer step s: linear warm-up from warmup_lr, then polynomial decay
+    (base - min) * (1 - progress) ** power + min (mmsegmentation's PolyLR, the segmentation recipe)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            lr = warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+        else:
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            lr = min_lr + (base_lr - min_lr) * (1 - progress) ** power
+        return lr / base_lr
+
+    return factor
+
+
+def default_workers() -> int:
+    """Data-loading worker processes for this machine: none on 1-2 cores (the main process decodes
+    between steps and the model keeps the cores busy), else up to 4 leaving two cores to compute."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(4, cores - 2)
+
+
+def parse_size(text) -> tuple[int, int]:
+    """ "416" -> (416, 416); "608x416" -> (608, 416) as (H, W)."""
+    parts = str(text).lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 32:
+        raise ValueError(f"image size {text!r}: expected N or HxW with sides of at least 32, e.g. 416 or 608x416")
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])

@@ -378,6 +378,27 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.close(dir_fd)
 
 
+def save_task_model(model: torch.nn.Module, path: str | os.PathLike, task: str, metadata: dict[str, str]) -> None:
+    """A task's whole network (a detector, a segmenter) as safetensors, atomically: the weights, and in
+    the metadata {"format": "swinx", "task": task} plus what the task needs to rebuild it (`metadata`)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "swinx", "task": task, **metadata}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_task_model(path: str | os.PathLike, task: str, hint: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a file `save_task_model` wrote for `task`; CheckpointError naming the
+    file otherwise. `hint` says where other kinds of checkpoints go (e.g. "for classifiers use swinx eval")."""
+    meta = read_metadata(path)
+    if meta.get("task") != task:
+        found = f"a swinx {meta['task']} checkpoint" if meta.get("task") else "not a swinx task checkpoint"
+        raise CheckpointError(f"{path} is {found}, not a {task} one; {hint}")
+    try:
+        return meta, load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read the weights in {path}: {e}") from e
+
+
 def save_model(
     model: SwinTransformer | SwinBackbone,
     path: str | os.PathLike,
