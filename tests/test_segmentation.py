@@ -278,7 +278,7 @@ def trained(scene_dir, tmp_path_factory) -> Path:
 
 
 def test_train_writes_the_run_directory(trained):
-    for name in ("config.yaml", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt", "eval.json"):
+    for name in ("config.yaml", "metrics.jsonl", "last.safetensors", "best.safetensors", "last.state.pt", "eval.json"):
         assert (trained / name).is_file(), name
     rows = rows_of(trained)
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["val_mIoU"] <= 100 for r in rows)
@@ -375,7 +375,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(scene_dir, tmp_
     GroupNorm is per image and the loss is a mean over the same pixels, so with dropout and drop
     path off the two runs compute the same steps up to float summation order."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    same = ("--epochs", "2", "--norm", "gn", "--dropout", "0", "--drop-path", "0", "--photometric")
+    same = ("--epochs", "2", "--norm", "gn", "--dropout", "0", "--drop-path", "0", "--no-photometric")
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([PYTHON, "-m", "swinx", *segment_cmd(scene_dir, one, *same)], check=True, env=env,
                    capture_output=True)  # fmt: skip

@@ -88,9 +88,8 @@ def cmd_eval(args) -> int:
         result = evaluate_segmenter(loaded.model, dataset, loaded.classes, settings, device=args.device)
         reports.append(eval_report(result, settings))
         if not args.json:
-            print(
-                f"{settings.describe()}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}"
-            )
+            scores = f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}"
+            print(f"{settings.describe()}: {scores}")
             print(
                 "  per-class IoU: "
                 + "  ".join(

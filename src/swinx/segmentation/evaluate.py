@@ -2,8 +2,8 @@
 
 IoU_c = TP / (TP + FP + FN) and Acc_c = TP / (TP + FN) over the pixels whose label is not the
 ignore index; 0/0 is NaN and left out of the means (mIoU, mAcc), as in mmsegmentation: a class
-neither labelled nor predicted has no IoU, one predicted but never labelled has IoU 0 and no Acc; aAcc is all correct pixels
-over all labelled ones. Values are percentages.
+neither labelled nor predicted has no IoU, one predicted but never labelled has IoU 0 and no
+Acc. aAcc is all correct pixels over all labelled ones. Values are percentages.
 """
 
 from __future__ import annotations

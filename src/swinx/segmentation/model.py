@@ -41,8 +41,10 @@ def norm_layer(kind: str, groups: int = 32):
     GroupNorm (per image: the same result for any split of a batch over processes, and on CPUs)."""
     if kind == "bn":
         return nn.BatchNorm2d
-    if kind == "gn":
-        return lambda channels: nn.GroupNorm(min(groups, channels), channels)
+    if kind == "gn":  # at most `groups` groups of at least 2 channels (a pooled 1x1 map still normalises)
+        return lambda channels: nn.GroupNorm(
+            max(g for g in range(1, min(groups, channels // 2) + 1) if channels % g == 0), channels
+        )
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 

@@ -119,6 +119,11 @@ class SegmentConfig:
             problems.append(f"min_lr {self.min_lr} exceeds lr {self.lr}")
         if self.norm not in NORMS:
             problems.append(f"norm must be one of {NORMS}, got {self.norm!r}")
+        elif self.norm == "bn" and self.batch_size < 2:
+            problems.append(
+                "batch_size 1 with norm bn: BatchNorm in the pyramid pooling's 1x1 branch needs at least 2 "
+                "images per process; raise --batch-size or use --norm gn"
+            )
         if self.num_classes is not None and self.num_classes < 1:
             problems.append(f"num_classes must be at least 1, got {self.num_classes}")
         if not 0 <= self.ignore_index <= 65535:
@@ -339,9 +344,10 @@ def fit_to_data(cfg: SegmentConfig, chosen: set[str], train: D.SegmentationFolde
     preset = scenes_preset()
     budget = scenes.TRAIN_SCENES * preset["epochs"] * parse_size(preset["crop_size"])[0] ** 2 / side**2
     picked["epochs"] = int(max(8, min(80, budget // max(len(train), 1))))
-    picked["val_every"] = max(1, picked["epochs"] // 4)
     values = {k: v for k, v in picked.items() if k not in chosen and k != "data"}
     new = dataclasses.replace(cfg, **values)
+    if "val_every" not in chosen:
+        new = dataclasses.replace(new, val_every=max(1, new.epochs // 4))
     why = (
         f"{len(train)} training images of median {int(short)}x{int(long)} px (short x long side), "
         f"{train.num_classes} classes, no GPU: picked UperNet {new.channels} on a small {new.model} "
@@ -392,7 +398,7 @@ class SegmentationTask:
             sampler,
             cfg.workers,
             D.collate_crops,
-            drop_last=len(sampler) >= 2 * cfg.batch_size,
+            drop_last=len(sampler) >= cfg.batch_size,  # a last batch of one image would break BatchNorm
         )
 
     def start_epoch(self, epoch: int) -> None:
@@ -401,9 +407,14 @@ class SegmentationTask:
         self.train_set.seed, self.train_set.epoch = self.cfg.seed, epoch
 
     def initialise(self, init: str) -> str:
-        """--init: the backbone from any classification or OpenMMLab checkpoint, or a whole swinx segmenter."""
+        """--init: the backbone from any classification or OpenMMLab checkpoint, a whole swinx segmenter,
+        or "digits": pretrained on the MNIST training digits (segmentation/pretrain.py)."""
         from swinx.weights.checkpoint import read_metadata
 
+        if init == "digits":
+            from swinx.segmentation.pretrain import digit_backbone
+
+            init = str(digit_backbone(self.cfg.model, self.cfg.model_args, self.cfg.window_size))
         if str(init).endswith(".safetensors") and read_metadata(init).get("task") == "segmentation":
             from safetensors.torch import load_file
 
