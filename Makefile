@@ -23,8 +23,9 @@ demo: install
 
 # Lint and format check (ruff, configured in pyproject.toml), then the whole suite.
 # pytest exits 5 when it collects no test (e.g. a -k filter that matches nothing): say so, don't fail.
+# The 25 slowest tests are listed at the end, to keep the suite's time in view.
 test: install lint
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Day-to-day tier: the slow marker off (compilation, export, full-size models, end-to-end demos).

@@ -465,3 +465,37 @@ def test_user_data_gets_settings_that_fit_it(tmp_path):
     assert new.crop_size == "192" and new.base_size == 200 and new.hflip == 0.5 and new.img_size is None
     assert new.model_args["embed_dim"] == 32 and new.lr != cfg.lr
     assert "6 training images of median 200x300 px" in why and "3 classes" in why
+
+
+def test_cat_max_ratio_redraws_crops_of_one_class():
+    """mmsegmentation's cat_max_ratio: with 0.75, crops of a mostly-background mask hold more of the
+    small object than plain random crops do, and never fewer than plain crops would on average."""
+    mask = np.zeros((128, 128), dtype=np.int64)
+    mask[10:40, 90:120] = 1  # 5.5% of the image
+    image = tv_tensors.Image(torch.zeros(3, 128, 128, dtype=torch.uint8))
+    shares = {}
+    for ratio in (1.0, 0.75):
+        crop = D.CatMaxRatioCrop((48, 48), ratio)
+        torch.manual_seed(0)
+        shares[ratio] = np.mean([(crop(image, tv_tensors.Mask(torch.from_numpy(mask)))[1] == 1).float().mean().item()
+                                 for _ in range(200)])  # fmt: skip
+    assert shares[0.75] > 2 * shares[1.0], shares
+
+
+@pytest.mark.slow
+def test_init_digits_pretrains_once_and_loads(tmp_path, monkeypatch):
+    from swinx.segmentation import pretrain
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(pretrain, "PRETRAIN_EPOCHS", 1)
+    monkeypatch.setattr(pretrain, "PRETRAIN_SIZE", 28)
+    args = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
+    path = pretrain.digit_backbone("swin_t", args, 4)
+    assert path.is_file() and str(path).startswith(str(tmp_path))
+    made = path.stat().st_mtime_ns
+    assert pretrain.digit_backbone("swin_t", args, 4) == path and path.stat().st_mtime_ns == made  # cached
+    assert pretrain.cache_path("swin_t", dict(args, embed_dim=32), 4) != path  # one file per architecture
+    model = create_segmenter("upernet_swin_t", 11, channels=16, aux_channels=8, backbone_args=dict(args, window_size=4))
+    report = swinx.load_checkpoint(model.backbone, path)
+    assert sorted({k.split(".")[0] for k in report.fresh}) == ["norm0", "norm1", "norm2", "norm3"]
+    assert "1 -> 3" in str(report)  # the gray patch embedding, repeated over RGB

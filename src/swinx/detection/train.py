@@ -24,6 +24,7 @@ from swinx.detection import data as D
 from swinx.detection import scenes
 from swinx.detection.model import create_detector, detector_backbone, parse_detector_name
 from swinx.engine.config import (
+    ChildrenExcept,
     TrainError,
     check_engine_settings,
     cpu_has_native_bf16,
@@ -385,7 +386,7 @@ class DetectionTask:
 
     def param_groups(self) -> list[dict]:
         return param_groups(self.model.backbone, self.cfg.weight_decay) + [
-            g for g in param_groups(_HeadsOnly(self.model), self.cfg.weight_decay)
+            g for g in param_groups(ChildrenExcept(self.model, "backbone"), self.cfg.weight_decay)
         ]
 
     def lr_lambda(self, base_lr: float, steps_per_epoch: int):
@@ -469,17 +470,6 @@ class DetectionTask:
             f"done: best box AP {best.acc1:.3f} at epoch {best.epoch} ({best.weights} weights); "
             f"checkpoints in {run_path}"
         )
-
-
-class _HeadsOnly(torch.nn.Module):
-    """The detector without its backbone, for the optimizer groups (the backbone's are made apart,
-    so that its position tables and norms are spared from weight decay by name)."""
-
-    def __init__(self, detector: torch.nn.Module):
-        super().__init__()
-        for name, child in detector.named_children():
-            if name != "backbone":
-                self.add_module(name, child)
 
 
 def save_detector(model: torch.nn.Module, path: Path, spec: dict, classes: list[str], metadata: dict[str, str]) -> None:

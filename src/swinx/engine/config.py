@@ -94,6 +94,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class ChildrenExcept(torch.nn.Module):
+    """A view of `module`'s children except `excluded` (e.g. a detector's or segmenter's heads without
+    its backbone), for optimizer groups made apart; it shares the parameters, it owns nothing."""
+
+    def __init__(self, module: torch.nn.Module, *excluded: str):
+        super().__init__()
+        for name, child in module.named_children():
+            if name not in excluded:
+                self.add_module(name, child)
+
+
 def warmup_cosine(base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int):
     """Multiplier of base_lr at optimizer step s: linear warm-up from warmup_lr, then cosine to min_lr."""
 

@@ -106,14 +106,52 @@ def default_palette(n: int) -> list[list[int]]:
 # Transforms (torchvision.transforms.v2, joint on image and mask)
 
 
+class CatMaxRatioCrop(v2.RandomCrop):
+    """v2.RandomCrop (padding with 0 / the ignore index where the input is smaller) that redraws the
+    crop up to 9 more times while a single class covers `cat_max_ratio` or more of its labelled
+    pixels, as mmsegmentation's RandomCrop(cat_max_ratio=0.75) does: fewer crops of background only."""
+
+    def __init__(self, size, cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX, tries: int = 10):
+        super().__init__(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index})
+        self.cat_max_ratio, self.ignore_index, self.tries = cat_max_ratio, ignore_index, tries
+
+    def make_params(self, flat_inputs):
+        params = super().make_params(flat_inputs)
+        mask = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask)), None)
+        if mask is None or self.cat_max_ratio >= 1:
+            return params
+        mask = mask.as_subclass(torch.Tensor)  # plain tensor ops: ~40x cheaper than through the tv_tensor
+        for _ in range(self.tries - 1):
+            if self._varied(mask, params):
+                break
+            params = super().make_params(flat_inputs)
+        return params
+
+    def _varied(self, mask: torch.Tensor, p: dict) -> bool:
+        top, left = p["top"] - p["padding"][1], p["left"] - p["padding"][0]  # in the unpadded mask
+        region = mask[..., max(top, 0) : top + p["height"], max(left, 0) : left + p["width"]]
+        counts = torch.bincount(region.reshape(-1))
+        if self.ignore_index < len(counts):
+            counts[self.ignore_index] = 0
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum()
+
+
 def train_transforms(
-    crop: tuple[int, int], base: int, ratio=(0.5, 2.0), hflip: float = 0.5, photometric: bool = True
+    crop: tuple[int, int],
+    base: int,
+    ratio=(0.5, 2.0),
+    hflip: float = 0.5,
+    photometric: bool = True,
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
 ) -> v2.Compose:
     """mmsegmentation's training pipeline in v2: short side rescaled to base x a random ratio, a
-    random crop (padded with 0 / the ignore index where the image is smaller), flip, colour jitter."""
+    random crop (padded with 0 / the ignore index where the image is smaller; redrawn while one class
+    covers `cat_max_ratio` of it), flip, photometric distortion (image only)."""
     steps = [
         v2.RandomResize(max(1, round(base * ratio[0])), max(2, round(base * ratio[1])) + 1),
-        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        CatMaxRatioCrop(crop, cat_max_ratio, ignore_index),
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip(hflip))

@@ -3,7 +3,7 @@ ImageNet-pretrained backbone the paper's UperNet starts from (nothing can be dow
 
 The backbone's architecture (patch size, widths, depths, heads, window) is trained as a digit
 classifier by `swinx train` (the classification engine, its MNIST recipe) on the 4,000 training
-digits of mnist5k at 56x56 for 10 epochs. The last epoch's weights are kept (no checkpoint is
+digits of mnist5k at 56x56 for 6 epochs. The last epoch's weights are kept (no checkpoint is
 picked by its score on the held-out digits, which the validation scenes are made of), cached in
 ~/.cache/swinx/digit-backbones/ by architecture, and made once.
 """
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from swinx.engine.config import TrainError
+
 logger = logging.getLogger("swinx")
-PRETRAIN_EPOCHS = 10
+PRETRAIN_EPOCHS = 6
 PRETRAIN_SIZE = 56
 VERSION = 1
 
@@ -35,7 +37,8 @@ def _architecture(model_args: dict, window_size: int | None) -> dict:
 
 def cache_path(model: str, model_args: dict, window_size: int | None) -> Path:
     arch = _architecture(model_args, window_size)
-    digest = hashlib.sha256(json.dumps([model, arch, VERSION], sort_keys=True).encode()).hexdigest()[:12]
+    recipe = [model, arch, PRETRAIN_EPOCHS, PRETRAIN_SIZE, VERSION]
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "swinx" / "digit-backbones" / f"{model}-{digest}.safetensors"
 
 
@@ -53,22 +56,28 @@ def digit_backbone(model: str, model_args: dict, window_size: int | None) -> Pat
 
 
 def _pretrain(model: str, model_args: dict, window_size: int | None, path: Path) -> None:
-    from swinx.classification.recipe import resolve_config
-    from swinx.classification.train import train
+    """`swinx train` in a child process (its own RNG, threads and allocator state; its lines logged)."""
+    import subprocess
+    import sys
 
     arch = _architecture(model_args, window_size)
     logger.info(
         f"--init digits: pretraining the backbone ({model} {arch}) as a classifier of the 4,000 MNIST "
         f"training digits at {PRETRAIN_SIZE}x{PRETRAIN_SIZE}, {PRETRAIN_EPOCHS} epochs; once, cached at {path}"
     )
-    settings = dict(model=model, model_args=arch, img_size=PRETRAIN_SIZE, epochs=PRETRAIN_EPOCHS, progress="off")
-    if window_size is not None:
-        settings["window_size"] = window_size
     with tempfile.TemporaryDirectory(prefix="swinx-digit-backbone-") as tmp:
-        settings["out"] = str(Path(tmp) / "run")
-        with torch.random.fork_rng(devices=[]):
-            train(resolve_config(None, settings))
+        run = Path(tmp) / "run"
+        command = [sys.executable, "-m", "swinx", "train", "--model", model, "--model-args", json.dumps(arch)]
+        command += ["--img-size", str(PRETRAIN_SIZE), "--epochs", str(PRETRAIN_EPOCHS), "--progress", "off"]
+        command += ["--out", str(run)] + (["--window-size", str(window_size)] if window_size is not None else [])
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            lines = []
+            for line in child.stdout:
+                lines.append(line.rstrip())
+                logger.info(f"  {lines[-1]}")
+        if child.returncode != 0 or not (run / "last.safetensors").is_file():
+            raise TrainError(f"pretraining the digit backbone failed: {lines[-1] if lines else child.returncode}")
         path.parent.mkdir(parents=True, exist_ok=True)
         staged = path.with_name(f".{path.name}.tmp")
-        shutil.copyfile(Path(tmp) / "run" / "last.safetensors", staged)
+        shutil.copyfile(run / "last.safetensors", staged)
         staged.replace(path)
