@@ -24,6 +24,7 @@ from swinx.detection import data as D
 from swinx.detection import scenes
 from swinx.detection.model import create_detector, detector_backbone, parse_detector_name
 from swinx.engine.config import (
+    AMP_NAMES,
     ChildrenExcept,
     TrainError,
     check_engine_settings,
@@ -40,7 +41,6 @@ from swinx.engine.loop import Best, Dist, Engine, data_loader, run
 from swinx.weights.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_task_model
 
 logger = logging.getLogger("swinx")
-AMP_NAMES = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 REFERENCE_BATCH = 16  # the recipe's learning rate is for 16 images per step (2 per GPU x 8), scaled linearly
 
 

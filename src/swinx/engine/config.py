@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+AMP_NAMES = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}  # for log lines
+
 
 class TrainError(RuntimeError):
     """A run cannot start or continue; the message says why and what to do."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from swinx.engine.config import (
+    AMP_NAMES,
     ChildrenExcept,
     TrainError,
     check_engine_settings,
@@ -42,7 +43,6 @@ from swinx.segmentation.model import NORMS, create_segmenter, parse_segmenter_na
 from swinx.weights.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_task_model
 
 logger = logging.getLogger("swinx")
-AMP_NAMES = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 REFERENCE_BATCH = 16  # the recipe's learning rate is for 16 images per step (2 per GPU x 8), scaled linearly
 
 
