@@ -316,8 +316,8 @@ def test_error_truncated_checkpoint(tmp_path):
 def test_error_missing_path(tmp_path):
     msg = _load_fails(small(1), tmp_path / "nowhere" / "model.pth")
     assert "does not exist" in msg and "nowhere" in msg
-    msg = _load_fails(small(1), tmp_path)  # a directory is not a checkpoint file either
-    assert "not a file" in msg
+    msg = _load_fails(small(1), tmp_path)  # a directory without a model in it
+    assert "without a model" in msg
 
 
 # Objects whose unpickling has a visible side effect: a marker file. The module-level hook keeps the

@@ -76,6 +76,29 @@ def get_config(name: str = "swin_t", **overrides) -> SwinConfig:
     return VARIANTS[base].replace(**{**extra, **overrides})
 
 
-def create_model(name: str = "swin_t", **overrides) -> SwinTransformer:
-    """Build a named variant; any SwinConfig field can be overridden, e.g. create_model("swin_t", num_classes=10)."""
-    return SwinTransformer(get_config(name, **overrides))
+def create_model(name: str | None = "swin_t", pretrained=None, **overrides) -> SwinTransformer:
+    """Build a named variant; any SwinConfig field can be overridden, e.g. create_model("swin_t", num_classes=10).
+
+    `pretrained`: weights to load, from a checkpoint file of any layout, a model directory
+    (transformers' or timm's config.json + weights) or a hub id (microsoft/swin-tiny-patch4-window7-224,
+    timm/swin_tiny_patch4_window7_224.ms_in1k, hf-hub:...; offline from the local cache). The
+    architecture then comes from the source, unless `name` is a variant; `create_model(SOURCE,
+    pretrained=True)` and `create_model(None, pretrained=SOURCE)` are the same. Overrides apply on
+    top: num_classes=10 keeps the trunk and gives a new head. The model gets `class_names`, and
+    `pretrained_cfg` (img_size, channels, mean, std, crop_pct, interpolation, source) from the source.
+    """
+    if pretrained is None or pretrained is False:
+        if name is None:
+            raise ValueError("create_model(None) needs pretrained=<file, model directory or hub id>")
+        return SwinTransformer(get_config(name, **overrides))
+    from swinx.weights.sources import load_pretrained
+
+    if pretrained is True:
+        if name is None or name in VARIANTS or name in ALIASES:
+            raise ValueError(
+                f"pretrained=True needs a source as the name (a hub id, model directory or file); swinx bundles "
+                f"no weights, so give create_model({name!r}, pretrained=<hub id, directory or file>)"
+            )
+        name, pretrained = None, name
+    base = get_config(name) if name is not None else None
+    return load_pretrained(pretrained, base, **overrides)

@@ -75,11 +75,17 @@ def _names(keys: list[str]) -> str:
 def read_state_dict(source) -> tuple[dict[str, torch.Tensor], bool]:
     """A flat {name: tensor} dict from a path or a (possibly wrapped) dict, and whether it was wrapped.
 
+    A path may also be a model directory or a hub id (see swinx.weights.sources).
+
     Files are read as safetensors or with torch.load(weights_only=True): only tensors and
     plain containers are unpickled, never code.
     """
     if isinstance(source, (str, os.PathLike)):
-        source = _read_file(Path(source))
+        if not Path(source).expanduser().is_file():  # a model directory or a hub id (sources.py)
+            from swinx.weights.sources import resolve
+
+            return resolve(source).state, False
+        source = _read_file(Path(source).expanduser())
     if not isinstance(source, Mapping):
         raise CheckpointError(f"expected a state dict or a checkpoint path, got {type(source).__name__}")
     wrapped = False
