@@ -295,5 +295,24 @@ def test_half_downloaded_hub_file(tmp_path, capsys):
 def test_not_a_source(tmp_path):
     with pytest.raises(CheckpointError, match="not a file or directory, nor a hub id"):
         swinx.create_model(None, pretrained=str(tmp_path / "missing.pth"))
-    with pytest.raises(ValueError, match="bundles no weights"):
+    with pytest.raises(CheckpointError, match="timm/swin_tiny_patch4_window7_224.ms_in1k is not in the Hugging Face"):
         swinx.create_model("swin_t", pretrained=True)
+
+
+def test_pretrained_true_for_a_name_is_timms_hub_repository(tmp_path):
+    """create_model(name, pretrained=True) reads timm's repository of that name's default weights,
+    as timm.create_model(name, pretrained=True) would; every name maps to the id timm itself uses."""
+    from timm.models import get_pretrained_cfg
+
+    from swinx.model.variants import hub_id
+
+    for name in swinx.list_models():
+        expected = get_pretrained_cfg(hub_id(name).removeprefix("timm/"))
+        assert expected is not None and expected.hf_hub_id == hub_id(name), name
+    assert hub_id("swin_t") == "timm/swin_tiny_patch4_window7_224.ms_in1k"
+    theirs, folder = timm_model(tmp_path, "swin_tiny_patch4_window7_224")
+    put_in_hub_cache(tmp_path / "hub", "timm/swin_tiny_patch4_window7_224.ms_in1k", folder)
+    ours = swinx.create_model("swin_tiny_patch4_window7_224", pretrained=True, num_classes=3).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert max_diff(ours(x), theirs(x)) < 1e-4

@@ -18,6 +18,7 @@ from swinx.classification.recipe import TrainError
 from swinx.model.windows import SMALL_MAP_POLICIES
 from swinx.weights.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
 from swinx.weights.layouts import detect_layout, infer_config
+from swinx.weights.model_dirs import is_directory_output
 
 
 def cmd_models(args) -> int:
@@ -40,7 +41,8 @@ def cmd_convert(args) -> int:
 
     source = Path(args.source)
     state, wrapped = read_state_dict(source)
-    if args.model is None and source.suffix == ".safetensors" and "config" in read_metadata(source):
+    metadata = read_metadata(source) if source.suffix == ".safetensors" else {}
+    if args.model is None and "config" in metadata:
         model = swinx.load_model(source)
     else:
         layout = detect_layout(state, wrapped) if args.source_layout == "auto" else args.source_layout
@@ -56,6 +58,8 @@ def cmd_convert(args) -> int:
         print(swinx.load_checkpoint(model, state, layout=layout), file=sys.stderr)
     backbone = isinstance(model, swinx.SwinBackbone)
     out = Path(args.output)
+    if args.to in ("hf", "timm") and is_directory_output(out):
+        return _convert_to_model_dir(model, out, args, metadata)
     if args.to == "swinx" and out.suffix == ".safetensors":
         swinx.save_model(model, out)
     else:
@@ -75,6 +79,27 @@ def cmd_convert(args) -> int:
             atomic_write(out, lambda tmp: torch.save(payload, tmp))
     what = f"backbone, outputs {list(model.out_indices)}" if backbone else f"{model.num_classes} classes"
     print(f"wrote {out} ({args.to} layout, {what})")
+    return 0
+
+
+def _convert_to_model_dir(model, out: Path, args, metadata: dict) -> int:
+    """`swinx convert ... --to hf|timm DIR`: a model directory, with the source's class names and
+    preprocessing where it records them (a swinx safetensors' metadata)."""
+    from swinx.weights.model_dirs import write_model_dir
+
+    names, spec = getattr(model, "class_names", None), None
+    if metadata.get("format") == "swinx":
+        if names is None and "class_names" in metadata:
+            names = json.loads(metadata["class_names"])
+        spec = json.loads(metadata["input"]) if "input" in metadata else None
+    if names is not None and len(names) != getattr(model, "num_classes", 0):
+        names = None  # the head was replaced (--model with another class count): the names are not its
+    written = write_model_dir(model, out, args.to, names, spec, overwrite=args.overwrite)
+    peer = "transformers" if args.to == "hf" else "timm"
+    files = ", ".join(sorted(p.name for p in written.iterdir()))
+    classes = f"{model.num_classes} classes" + (", named" if names else "") if model.num_classes else "no head"
+    given = "its own" if spec else "the default"
+    print(f"wrote {written}/ ({peer} model directory: {files}; {classes}; {given} preprocessing)")
     return 0
 
 
@@ -115,6 +140,13 @@ TRAIN_HELP = {
     "accum_steps": "micro-batches per optimizer step",
     "clip_grad": "clip the global gradient norm to this (0: off)",
     "ema_decay": "EMA of the weights (0: off)",
+    "layer_decay": "fine-tuning: layer-wise learning-rate decay, SimMIM's / BEiT's rule: the head and final norm "
+    "train at --lr, each Swin block below at one more factor of this, the patch embedding at "
+    "lr x decay^(blocks + 1); e.g. 0.9 (1: off)",
+    "head_lr": "fine-tuning: learning rate of the classifier head for a global batch of 512, scaled like --lr; "
+    "unset, the head trains at --lr",
+    "freeze_stages": "fine-tuning: freeze the patch embedding and stages 1..N (no gradient, eval mode; 0: none)",
+    "linear_probe": "fine-tuning: train only the classifier head; everything else frozen, in eval mode",
     "amp": "auto (bf16 where the device supports it), bf16, fp16 or off",
     "auto_augment": "randaugment, trivialaugment or none",
     "crop_scale": "smallest area of RandomResizedCrop",
@@ -430,10 +462,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="rewrite a checkpoint in another layout")
     p.add_argument("source", help="checkpoint file (.pth, .pt, .bin, .safetensors) of any known layout")
-    p.add_argument("output", help="output file; .safetensors or a torch file")
-    p.add_argument("--to", required=True, choices=swinx.LAYOUTS, help="layout to write")
+    p.add_argument(
+        "output",
+        help="output file: .safetensors, or a torch file (.pth, .pt, .bin); with --to hf or timm, a name without "
+        "such a suffix (or an existing directory) is written as a model directory",
+    )
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=swinx.LAYOUTS,
+        help="layout to write; hf and timm into a directory write config.json and model.safetensors (and "
+        "hf's preprocessor_config.json) that transformers' from_pretrained and timm.create_model('local-dir:...') "
+        "load, with the source's class names and preprocessing",
+    )
     p.add_argument("--model", help="variant of the source (e.g. swin_t); by default read off the checkpoint's shapes")
     p.add_argument("--source-layout", default="auto", choices=("auto",) + swinx.LAYOUTS)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output directory swinx did not write (by default only an empty one or one of ours is "
+        "replaced; files are always replaced)",
+    )
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("train", help="train or fine-tune (default: a small Swin on the built-in MNIST digits)")

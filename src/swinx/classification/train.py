@@ -21,8 +21,9 @@ from swinx.classification import data as D
 from swinx.classification.recipe import (
     TrainConfig,
     TrainError,
+    finetune_param_groups,
+    freeze,
     mix_transform,
-    param_groups,
     soft_cross_entropy,
     warmup_cosine,
 )
@@ -77,6 +78,28 @@ def build_model(cfg: TrainConfig, num_classes: int) -> SwinTransformer:
         return create_model(cfg.model, **overrides)
     except (KeyError, TypeError, ValueError) as e:
         raise TrainError(f"cannot build model {cfg.model!r} with {overrides}: {e}") from e
+
+
+def frozen_parts(cfg: TrainConfig, model: SwinTransformer) -> list[str]:
+    """Names of the submodules and parameters that --freeze-stages / --linear-probe freeze.
+
+    --linear-probe: everything but the head (`head`, and the dropout before it); --freeze-stages N:
+    the patch embedding, the absolute position embedding and stages 1..N (`layers.0` ..
+    `layers.N-1`, each with its patch merging), as SwinBackbone's frozen_stages = N does.
+    """
+    stages = len(model.layers)
+    if not 0 <= cfg.freeze_stages <= stages:
+        raise TrainError(
+            f"freeze_stages {cfg.freeze_stages}: {cfg.model} has {stages} stages; "
+            f"give 0 (nothing frozen) .. {stages} (every stage)"
+        )
+    if cfg.linear_probe:
+        modules = [name for name, _ in model.named_children() if name not in ("head", "head_drop")]
+        return modules + [name for name, _ in model.named_parameters(recurse=False)]
+    if cfg.freeze_stages == 0:
+        return []
+    parts = ["patch_embed", "pos_drop"] + [f"layers.{i}" for i in range(cfg.freeze_stages)]
+    return parts + (["absolute_pos_embed"] if model.absolute_pos_embed is not None else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +176,7 @@ class ClassificationTask:
         self.classes = self.data.classes
         self.num_classes = len(self.classes)
         self.model = build_model(cfg, self.num_classes)
+        freeze(self.model, frozen_parts(cfg, self.model))
         # Every run uses a DistributedSampler, even with one process, so that one process at batch B
         # sees the same global batches as N processes at B/N.
         sampler = DistributedSampler(
@@ -184,7 +208,11 @@ class ClassificationTask:
         return self.cfg.lr * self.lr_scale
 
     def param_groups(self) -> list[dict]:
-        return param_groups(self.model, self.cfg.weight_decay)
+        """The trainable parameters' AdamW groups: weight decay as `param_groups`, plus the layer-wise
+        decay and head rate of --layer-decay / --head-lr (see `finetune_param_groups`)."""
+        cfg, scale = self.cfg, self.lr_scale
+        head_lr = cfg.head_lr * scale if cfg.head_lr is not None else None
+        return finetune_param_groups(self.model, cfg.weight_decay, cfg.lr * scale, cfg.layer_decay, head_lr)
 
     def lr_lambda(self, base_lr: float, steps_per_epoch: int):
         cfg, scale = self.cfg, self.lr_scale
@@ -231,8 +259,26 @@ class ClassificationTask:
             f"training {cfg.model} (V{c.version}, patch {c.patch_size}, embed {c.embed_dim}, depths {c.depths}, "
             f"window {c.window_size}: {sum(p.numel() for p in self.model.parameters()):,} parameters) on "
             f"{len(self.data.train):,} images, {self.num_classes} classes, {engine.ddp.world} process(es) on "
-            f"{engine.device}, global batch {engine.global_batch}, lr {engine.lr:.2e}"
+            f"{engine.device}, global batch {engine.global_batch}, lr {engine.lr:.2e}{self.finetune_note()}"
         )
+
+    def finetune_note(self) -> str:
+        """The fine-tuning settings in force, for the description line ("" when none is)."""
+        cfg, notes = self.cfg, []
+        if cfg.head_lr is not None:
+            notes.append(f"head lr {cfg.head_lr * self.lr_scale:.2e}")
+        if cfg.layer_decay != 1:
+            notes.append(f"layer decay {cfg.layer_decay:g} over {sum(self.model.config.depths) + 2} layers")
+        if cfg.linear_probe:
+            notes.append("linear probe, all but the head frozen")
+        elif cfg.freeze_stages:
+            n = cfg.freeze_stages
+            notes.append(f"patch embedding and stage{'s 1-' if n > 1 else ' '}{n} frozen")
+        if cfg.linear_probe or cfg.freeze_stages:
+            total = sum(p.numel() for p in self.model.parameters())
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            notes[-1] += f" ({trainable:,} of {total:,} parameters trainable)"
+        return "".join(f", {note}" for note in notes)
 
     def epoch_line(self, row: dict) -> str:
         line = (

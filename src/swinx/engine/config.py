@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import types
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -88,12 +90,118 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     `model.no_weight_decay()` names the Swin parameters to spare, where the model has it
     (a detector asks its backbone); every 1-D parameter is spared anyway.
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    spared = _spared(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name in skip or p.ndim <= 1 or "cpb_mlp" in name else decay).append(p)
+            (no_decay if spared(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _spared(model: torch.nn.Module) -> Callable[[str, torch.nn.Parameter], bool]:
+    """The no-weight-decay rule of `param_groups`, as a test of (name, parameter)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    return lambda name, p: name in skip or p.ndim <= 1 or "cpb_mlp" in name
+
+
+def swin_layer_id(name: str, depths: Sequence[int]) -> int:
+    """The layer id of a Swin parameter for layer-wise learning-rate decay, 0 .. sum(depths) + 1.
+
+    The rule of SimMIM's fine-tuning (microsoft/SimMIM, optimizer.py, `get_swin_layer` as used
+    by `build_finetune_optimizer`), over our (the official) parameter names, with L = sum(depths):
+    `patch_embed.*` and `absolute_pos_embed` -> 0; block j of stage i (`layers.i.blocks.j.*`)
+    -> 1 + sum(depths[:i]) + j; stage i's patch merging (`layers.i.downsample.*`, at the end of
+    the stage) -> sum(depths[:i + 1]), the id of that stage's last block; everything else (the
+    final norm, the head, a backbone's output norms) -> L + 1.
+
+    (SimMIM's function sends `absolute_pos_embed` to L + 1 by falling through; its Swin configs
+    have no absolute position embedding. Here it sits with the patch embedding at 0, as BEiT and
+    SimMIM's ViT rule place `pos_embed`.)
+    """
+    top = sum(depths) + 1
+    parts = name.split(".")
+    if parts[0] in ("patch_embed", "absolute_pos_embed"):
+        return 0
+    if parts[0] == "layers" and len(parts) > 2:
+        stage = int(parts[1])
+        if parts[2] == "blocks":
+            return 1 + sum(depths[:stage]) + int(parts[3])
+        return sum(depths[: stage + 1])  # the patch merging after the stage's blocks
+    return top
+
+
+def layer_ids(model: torch.nn.Module, depths: Sequence[int] | None = None) -> dict[str, int]:
+    """`swin_layer_id` of every parameter of a Swin (classifier or backbone); depths default to
+    `model.config.depths`."""
+    depths = model.config.depths if depths is None else depths
+    return {name: swin_layer_id(name, depths) for name, _ in model.named_parameters()}
+
+
+def finetune_param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lr: float,
+    layer_decay: float = 1.0,
+    head_lr: float | None = None,
+    head: str = "head.",
+    depths: Sequence[int] | None = None,
+) -> list[dict]:
+    """AdamW groups for fine-tuning a Swin: layer-wise learning-rate decay and a head rate of its own.
+
+    A trainable parameter with layer id k (`swin_layer_id`, 0 .. L + 1 with L = sum(depths))
+    gets lr * layer_decay ** (L + 1 - k): the final norm and the head the full rate, each
+    block down to the patch embedding one factor of `layer_decay` less (SimMIM's and BEiT's
+    fine-tuning rule, `scales[k] = layer_decay ** (L + 1 - k)` in SimMIM's optimizer.py).
+    Parameters whose names start with `head` get `head_lr` instead of `lr` when it is given
+    (their layer scale is 1). Weight decay follows `param_groups` (norms, biases, position
+    tables, cpb MLP and logit scale spared), so there is a group per (layer id, decay or not);
+    frozen parameters (requires_grad False) are left out.
+
+    Every group carries its own "lr", which a LambdaLR schedule multiplies alike. Groups go
+    from the top layer down, so the first group runs at `lr` itself whenever any does. With
+    layer_decay 1 and no head rate this is `param_groups(model, weight_decay)` unchanged.
+    """
+    if layer_decay == 1 and head_lr is None:
+        return param_groups(model, weight_decay)
+    depths = model.config.depths if depths is None else depths
+    top = sum(depths) + 1
+    spared = _spared(model)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = swin_layer_id(name, depths)
+        is_head = head_lr is not None and name.startswith(head)
+        no_decay = spared(name, p)
+        key = (-layer, is_head, no_decay)
+        if key not in groups:
+            rate = (head_lr if is_head else lr) * layer_decay ** (top - layer)
+            label = f"layer{layer}{'_head' if is_head else ''}_{'no_decay' if no_decay else 'decay'}"
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr": rate, "name": label}
+        groups[key]["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
+def freeze(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Freeze the named submodules and parameters of `model`: requires_grad False, and the modules
+    in eval mode (no dropout, no stochastic depth) that lasts through later `model.train()` calls,
+    the way SwinBackbone keeps its frozen stages. Each frozen module's `train` becomes a no-op
+    (bound to the module, so a deep copy such as an EMA model keeps the behaviour);
+    `del module.train` undoes that."""
+    for name in names:
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            model.get_parameter(name).requires_grad_(False)
+            continue
+        for p in target.parameters():
+            p.requires_grad_(False)
+        torch.nn.Module.train(target, False)
+        target.train = types.MethodType(_stay_in_eval, target)
+
+
+def _stay_in_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    return self
 
 
 class ChildrenExcept(torch.nn.Module):

@@ -54,6 +54,35 @@ def _aliases() -> dict[str, tuple[str, dict]]:
 
 ALIASES = _aliases()
 
+# pretrained=True for a name: timm's hub repository of its weights (timm's default tag comes first).
+_IN1K_FIRST = {"swin_tiny_patch4_window7_224"} | {n for n in ALIASES if n.startswith("swinv2_") and "192" not in n}
+_TIMM_SHORT = {
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window7_224",
+    "swin_l": "swin_large_patch4_window7_224",
+    "swinv2_t": "swinv2_tiny_window8_256",
+    "swinv2_s": "swinv2_small_window8_256",
+    "swinv2_b": "swinv2_base_window8_256",
+    "swinv2_l": "swinv2_large_window12to24_192to384",
+}
+
+
+def hub_id(name: str) -> str:
+    """The hub repository timm keeps `name`'s default weights in, e.g. timm/swin_tiny_patch4_window7_224.ms_in1k."""
+    name = _TIMM_SHORT.get(name, name)
+    if name.startswith("swinv2_"):
+        name = name.replace("_patch4_", "_")  # timm's V2 names have no patch size
+    if name.endswith("_22k"):  # the official 22k names: timm's ms_in22k weights
+        return f"timm/{name.removesuffix('_22k')}.ms_in22k"
+    if name.endswith("_22kto1k_ft") or "192to" in name:
+        return f"timm/{name.removesuffix('_22kto1k_ft')}.ms_in22k_ft_in1k"
+    if name.endswith("_192"):
+        return f"timm/{name}.ms_in22k"
+    if name.startswith("swinv2_"):
+        return f"timm/{name}.ms_in1k"
+    return f"timm/{name}.{'ms_in1k' if name in _IN1K_FIRST else 'ms_in22k_ft_in1k'}"
+
 
 def list_models(pattern: str = "", aliases: bool = True) -> list[str]:
     """Names `create_model` accepts, optionally filtered by a substring."""
@@ -94,11 +123,11 @@ def create_model(name: str | None = "swin_t", pretrained=None, **overrides) -> S
     from swinx.weights.sources import load_pretrained
 
     if pretrained is True:
-        if name is None or name in VARIANTS or name in ALIASES:
-            raise ValueError(
-                f"pretrained=True needs a source as the name (a hub id, model directory or file); swinx bundles "
-                f"no weights, so give create_model({name!r}, pretrained=<hub id, directory or file>)"
-            )
-        name, pretrained = None, name
+        if name is None:
+            raise ValueError("create_model(None, pretrained=True): give a variant, a hub id or a file as the name")
+        if name in VARIANTS or name in ALIASES:  # as timm: the name's default weights from timm's hub repository
+            pretrained = hub_id(name)
+        else:
+            name, pretrained = None, name
     base = get_config(name) if name is not None else None
     return load_pretrained(pretrained, base, **overrides)
