@@ -316,3 +316,18 @@ def test_pretrained_true_for_a_name_is_timms_hub_repository(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert max_diff(ours(x), theirs(x)) < 1e-4
+
+
+def test_convert_a_hub_model_to_a_timm_directory(tmp_path, capsys):
+    """`swinx convert HUB_ID OUT --to timm`: transformers' weights, names and preprocessing come out as a
+    directory timm loads, giving transformers' logits."""
+    import timm
+
+    theirs, folder = hf_model(tmp_path, 1)
+    put_in_hub_cache(tmp_path / "hub", "microsoft/swin-tiny-test", folder)
+    assert main(["convert", "microsoft/swin-tiny-test", str(tmp_path / "out"), "--to", "timm"]) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert max_diff(model(image()), theirs(pixel_values=image()).logits) < 1e-4
+    assert model.pretrained_cfg["label_names"] == CLASSES
+    assert list(model.pretrained_cfg["mean"]) == [0.5, 0.4, 0.3]

@@ -16,8 +16,8 @@ import swinx
 from swinx.classification.data import DataError
 from swinx.classification.recipe import TrainError
 from swinx.model.windows import SMALL_MAP_POLICIES
-from swinx.weights.checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict
-from swinx.weights.layouts import detect_layout, infer_config
+from swinx.weights.checkpoint import CheckpointError, atomic_write
+from swinx.weights.layouts import infer_config
 from swinx.weights.model_dirs import is_directory_output
 
 
@@ -38,15 +38,15 @@ def cmd_models(args) -> int:
 def cmd_convert(args) -> int:
     from swinx.weights.checkpoint import BACKBONE_LAYOUTS
     from swinx.weights.layouts import OUTPUT_NORM, normalise_prefix
+    from swinx.weights.sources import resolve
 
-    source = Path(args.source)
-    state, wrapped = read_state_dict(source)
-    metadata = read_metadata(source) if source.suffix == ".safetensors" else {}
-    if args.model is None and "config" in metadata:
-        model = swinx.load_model(source)
+    source = resolve(args.source)  # a file of any layout, a transformers or timm model directory, a hub id
+    state = source.state
+    if args.model is None and source.origin == "swinx" and args.source_layout in ("auto", "swinx"):
+        model = swinx.load_model(source.path)
     else:
-        layout = detect_layout(state, wrapped) if args.source_layout == "auto" else args.source_layout
-        config = infer_config(state, layout)
+        layout = source.layout if args.source_layout == "auto" else args.source_layout
+        config = source.config if layout == source.layout else infer_config(state, layout)
         if args.model is not None:
             config = swinx.get_config(args.model, num_classes=config.num_classes)
         # A dense backbone (output norms norm{i}, no head) stays one where the target layout can hold it.
@@ -56,10 +56,11 @@ def cmd_convert(args) -> int:
         else:
             model = swinx.SwinTransformer(config)
         print(swinx.load_checkpoint(model, state, layout=layout), file=sys.stderr)
+        model.class_names = source.class_names
     backbone = isinstance(model, swinx.SwinBackbone)
     out = Path(args.output)
     if args.to in ("hf", "timm") and is_directory_output(out):
-        return _convert_to_model_dir(model, out, args, metadata)
+        return _convert_to_model_dir(model, out, args, source.class_names, source.preprocessing)
     if args.to == "swinx" and out.suffix == ".safetensors":
         swinx.save_model(model, out)
     else:
@@ -82,16 +83,11 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _convert_to_model_dir(model, out: Path, args, metadata: dict) -> int:
+def _convert_to_model_dir(model, out: Path, args, names: list[str] | None, spec: dict | None) -> int:
     """`swinx convert ... --to hf|timm DIR`: a model directory, with the source's class names and
-    preprocessing where it records them (a swinx safetensors' metadata)."""
+    preprocessing where it records them (swinx metadata, a model directory's config files)."""
     from swinx.weights.model_dirs import write_model_dir
 
-    names, spec = getattr(model, "class_names", None), None
-    if metadata.get("format") == "swinx":
-        if names is None and "class_names" in metadata:
-            names = json.loads(metadata["class_names"])
-        spec = json.loads(metadata["input"]) if "input" in metadata else None
     if names is not None and len(names) != getattr(model, "num_classes", 0):
         names = None  # the head was replaced (--model with another class count): the names are not its
     written = write_model_dir(model, out, args.to, names, spec, overwrite=args.overwrite)
@@ -153,7 +149,7 @@ TRAIN_HELP = {
     "reprob": "random erasing probability",
     "crop_pct": "evaluation centre-crop fraction",
     "out": "run directory (default runs/<name>-<time>)",
-    "workers": "data loader processes",
+    "workers": "data loader processes (default: follow the machine, none on 1-2 cores)",
     "progress": "progress bar: auto (on a terminal), on or off",
     "max_bad_images": "stop when an epoch has more unreadable images than this (default: skip them all)",
 }
@@ -230,8 +226,8 @@ def cmd_train(args) -> int:
     from swinx.classification.recipe import TrainConfig, resolve_config
     from swinx.classification.train import train
 
-    config, _ = config_from_args(args, TrainConfig, resolve_config)
-    train(config, resume=args.resume, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)  # torchrun's
+    config, chosen = config_from_args(args, TrainConfig, resolve_config)
+    train(config, resume=args.resume, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1, chosen=chosen)
     return 0
 
 
@@ -461,7 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_models)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint in another layout")
-    p.add_argument("source", help="checkpoint file (.pth, .pt, .bin, .safetensors) of any known layout")
+    p.add_argument(
+        "source",
+        help="checkpoint file (.pth, .pt, .bin, .safetensors) of any known layout, a transformers or timm model "
+        "directory, or a hub id (microsoft/swin-tiny-patch4-window7-224, timm/...; offline from the local cache)",
+    )
     p.add_argument(
         "output",
         help="output file: .safetensors, or a torch file (.pth, .pt, .bin); with --to hf or timm, a name without "

@@ -15,6 +15,7 @@ from swinx.engine.config import (  # noqa: F401 - re-exported for the tasks
     TrainError,
     amp_dtype,
     check_engine_settings,
+    default_workers,
     finetune_param_groups,
     freeze,
     param_groups,
@@ -71,7 +72,7 @@ class TrainConfig:
     std: tuple = D.IMAGENET_STD
     # run
     seed: int = 0
-    workers: int = 4
+    workers: int | None = None  # None: follow the machine (see default_workers)
     device: str = "auto"
     out: str | None = None  # default runs/<name>-<time>
     name: str | None = None
@@ -79,6 +80,8 @@ class TrainConfig:
     max_bad_images: int | None = None  # stop when more images than this are unreadable in one epoch
 
     def __post_init__(self):
+        if self.workers is None:
+            self.workers = default_workers()
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         if self.in_chans == 1 and len(self.mean) == 3 and len(self.std) == 3:
             # gray input with 3-channel statistics: use their channel means (ImageNet: 0.449 / 0.226)
@@ -263,11 +266,12 @@ def summarise(paths: list[str], classes: int, sample: int = 256) -> DataSummary:
 
 def small_data_preset(summary: DataSummary) -> dict:
     """The MNIST preset's small Swin and recipe, sized to the data: input side near the images' own,
-    stage-1 windows of half the token map, epochs for about the MNIST preset's compute."""
-    side = int(min(SMALL_SIDES[1], max(SMALL_SIDES[0], round(summary.short / 8) * 8)))
+    4x4 windows or more in stage 1, batch 32, epochs for about the MNIST preset's compute (at most 60)."""
+    side = int(min(SMALL_SIDES[1], max(SMALL_SIDES[0], int(summary.short / 8 + 0.5) * 8)))
     patch = 2 if side <= 64 else 4
     tokens = side // patch
-    window = next((w for w in (8, 7, 6, 5, 4) if tokens % w == 0 and w <= tokens // 2), 7)
+    fits = [w for w in (8, 7, 6, 5, 4) if tokens % w == 0]
+    window = next((w for w in fits if w <= tokens // 4), next((w for w in fits if w <= tokens // 2), 4))
     picked = dict(MNIST_PRESET)
     picked.update(
         img_size=side,
@@ -276,7 +280,8 @@ def small_data_preset(summary: DataSummary) -> dict:
         in_chans=1 if summary.gray else 3,
         mean=summary.mean,
         std=summary.std,
-        epochs=int(max(10, min(100, PRESET_BUDGET // (summary.images * side * side)))),
+        batch_size=32,  # few images: more, smaller steps learn faster than the MNIST preset's 64
+        epochs=int(max(10, min(60, PRESET_BUDGET // (summary.images * side * side)))),
     )
     picked.pop("workers")
     return picked

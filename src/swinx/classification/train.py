@@ -8,7 +8,11 @@ the run directory.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +26,11 @@ from swinx.classification.recipe import (
     TrainConfig,
     TrainError,
     finetune_param_groups,
+    fit_to_data,
     freeze,
     mix_transform,
     soft_cross_entropy,
+    summarise,
     warmup_cosine,
 )
 from swinx.engine.data import ShardSampler, SkippingCollate
@@ -32,6 +38,8 @@ from swinx.engine.loop import Best, Dist, Engine, data_loader, run
 from swinx.model.swin import SwinTransformer
 from swinx.model.variants import create_model
 from swinx.weights.checkpoint import CheckpointError, load_checkpoint, save_model
+
+logger = logging.getLogger("swinx")
 
 # ---------------------------------------------------------------------------------------------
 # Data and model
@@ -166,10 +174,15 @@ class ClassificationTask:
 
     score_key = "val_acc1"
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, chosen: set[str] | None = None):
+        self.cfg, self.chosen = cfg, chosen
 
     def build(self, ddp: Dist, device: torch.device) -> None:
+        fitted = self.cfg.data is not None and self.chosen is not None
+        if fitted:
+            self.cfg, why = fit_to_data(self.cfg, self.chosen, summarise_folder(self.cfg.data))
+            if ddp.main:
+                logger.info(why)
         cfg = self.cfg
         self.ddp = ddp
         self.data = build_data(cfg)
@@ -195,6 +208,8 @@ class ClassificationTask:
             shard = ShardSampler(len(self.data.val), ddp.rank, ddp.world)
             self.val_loader = data_loader(self.data.val, cfg.batch_size, shard, cfg.workers, SkippingCollate())
         self.mixer = mix_transform(cfg, self.num_classes)
+        if fitted and ddp.main:
+            logger.info(probe_estimate(self.model, cfg, len(self.train_loader), len(self.data.val or ()), device))
 
     def initialise(self, init: str) -> str:
         """Load --init weights (any layout); returns the load report."""
@@ -299,15 +314,56 @@ class ClassificationTask:
         )
 
 
+def summarise_folder(root: str) -> object:
+    """`recipe.summarise` of an ImageFolder tree's training split."""
+    train_dir, _, classes = D.folder_splits(root)
+    paths = [
+        os.path.join(folder, name)
+        for c in classes
+        for folder, _, files in sorted(os.walk(train_dir / c))
+        for name in sorted(files)
+        if D.is_image(name)
+    ]
+    return summarise(paths, len(classes))
+
+
+def probe_estimate(model: torch.nn.Module, cfg: TrainConfig, batches: int, val_images: int, device) -> str:
+    """The run time before training starts, from timing a few training steps of a copy of the model
+    on random input of the run's shape (data loading and augmentation are not in it)."""
+    net = copy.deepcopy(model).to(device).train()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable or [torch.zeros(1, requires_grad=True)])
+    x = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    y = torch.randint(0, net.num_classes, (cfg.batch_size,), device=device)
+    seconds = []
+    for _ in range(4):
+        started = time.perf_counter()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - started)
+    step = statistics.median(seconds[1:])  # the first step warms up
+    epoch = step * batches + step / 3 * -(-val_images // cfg.batch_size)  # a forward is about a third of a step
+    total = epoch * cfg.epochs
+    return (
+        f"estimated before training: {total / 60:.1f} min ({epoch:.0f} s per epoch x {cfg.epochs} epochs, from "
+        f"timing {len(seconds) - 1} training steps of {step * 1000:.0f} ms; data loading adds to it)"
+    )
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None, distributed: bool = False) -> dict:
-    """Run (or resume) classification training; returns the last epoch's metrics (see engine.loop.run)."""
-    return run(
-        ClassificationTask(cfg), resume, distributed, default_out=lambda: default_out(cfg), resume_command="swinx train"
-    )
+def train(
+    cfg: TrainConfig, resume: str | Path | None = None, distributed: bool = False, chosen: set[str] | None = None
+) -> dict:
+    """Run (or resume) classification training; returns the last epoch's metrics (see engine.loop.run).
+
+    `chosen`: the settings the user set (`swinx train` passes them); with `data` given and no model
+    or recipe chosen, a small dataset on a CPU gets the small-data preset (recipe.fit_to_data)."""
+    task = ClassificationTask(cfg, chosen if resume is None else None)
+    return run(task, resume, distributed, default_out=lambda: default_out(task.cfg), resume_command="swinx train")
 
 
 def default_out(cfg: TrainConfig) -> Path:

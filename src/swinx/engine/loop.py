@@ -387,6 +387,7 @@ def run(
     epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            epoch_started = time.perf_counter()
             row = engine.train_epoch(epoch)
             engine.validate(row)
             if ddp.world > 1:
@@ -415,6 +416,8 @@ def run(
                             writer.add_scalar(key, value, epoch)
                     writer.flush()
             say(task.epoch_line(row))
+            if epoch == start_epoch + 1 and epoch < cfg.epochs:
+                say(remaining_line(time.perf_counter() - epoch_started, cfg.epochs - epoch, epoch))
     except KeyboardInterrupt:
         if run_dir is not None:
             logger.warning(
@@ -431,6 +434,16 @@ def run(
     if ddp.world > 1:
         dist.barrier()
     return last
+
+
+def remaining_line(epoch_seconds: float, epochs_left: int, epoch: int) -> str:
+    """The run time left, from a whole epoch (training, validation, saving) just measured."""
+    total = epoch_seconds * epochs_left
+    when = time.strftime("%H:%M", time.localtime(time.time() + total))
+    return (
+        f"estimated time left: {total / 60:.1f} min ({epoch_seconds:.1f} s per epoch as epoch {epoch} took with "
+        f"validation and saving, x {epochs_left} epochs), done about {when}"
+    )
 
 
 def estimate_line(epoch_seconds: float, epochs_left: int) -> str:
