@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import swinx
-from helpers import max_diff, randomize
+from helpers import max_diff, one_thread, randomize  # noqa: F401 - one_thread: a fixture
 from swinx.cli import main
 from swinx.weights.checkpoint import CheckpointError
 
@@ -331,3 +331,56 @@ def test_convert_a_hub_model_to_a_timm_directory(tmp_path, capsys):
         assert max_diff(model(image()), theirs(pixel_values=image()).logits) < 1e-4
     assert model.pretrained_cfg["label_names"] == CLASSES
     assert list(model.pretrained_cfg["mean"]) == [0.5, 0.4, 0.3]
+
+
+def test_predict_with_a_hub_model(tmp_path, capsys):
+    """`swinx predict --checkpoint HUB_ID`: transformers' class names, and its processor's preprocessing."""
+    import json
+
+    from PIL import Image
+
+    from swinx.classification.inference import load_for_inference
+
+    theirs, folder = hf_model(tmp_path, 1)
+    put_in_hub_cache(tmp_path / "hub", "microsoft/swin-tiny-test", folder)
+    loaded = load_for_inference("microsoft/swin-tiny-test")
+    assert loaded.class_names == CLASSES and loaded.input["mean"] == [0.5, 0.4, 0.3]
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", "microsoft/swin-tiny-test", str(tmp_path / "x.png"), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert {t["class"] for t in top} == set(CLASSES)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_init_from_a_hub_id(tmp_path, capsys):
+    """`swinx train --init HUB_ID`: the hub weights fine-tuned, normalised with their own mean/std."""
+    import yaml
+    from PIL import Image
+
+    theirs, folder = hf_model(tmp_path, 1)
+    put_in_hub_cache(tmp_path / "hub", "microsoft/swin-tiny-test", folder)
+    for split in ("train", "val"):
+        for c, colour in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+            (tmp_path / "data" / split / CLASSES[c]).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), colour).save(tmp_path / "data" / split / CLASSES[c] / f"{i}.png")
+    args = ["train", "--data", str(tmp_path / "data"), "--init", "microsoft/swin-tiny-test", "--model", "swin_t"]
+    args += ["--model-args", '{"embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2]}', "--window-size", "4"]
+    args += [
+        "--img-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--progress",
+        "off",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "initialised from microsoft/swin-tiny-test" in out and "head: loaded" in out
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["mean"] == [0.5, 0.4, 0.3] and saved["std"] == [0.2, 0.25, 0.3]

@@ -14,8 +14,7 @@ from swinx.classification import data as D
 from swinx.engine.data import SkippingCollate
 from swinx.engine.rundir import resolve_checkpoint  # noqa: F401 - part of this module's API
 from swinx.model.swin import SwinTransformer
-from swinx.weights.checkpoint import CheckpointError, load_checkpoint, load_model, read_metadata, read_state_dict
-from swinx.weights.layouts import detect_layout, infer_config
+from swinx.weights.checkpoint import CheckpointError, load_model, read_metadata
 
 
 @dataclass
@@ -30,22 +29,27 @@ class Loaded:
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> Loaded:
-    """Load our safetensors (config, classes, input spec in the metadata) or any peer layout."""
-    path = resolve_checkpoint(path)
-    metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+    """Load a run directory or our safetensors (config, classes, input spec in the metadata), or any
+    other source `create_model(pretrained=...)` reads: a checkpoint of any layout, a transformers or
+    timm model directory, a hub id (their class names and preprocessing come along)."""
+    from swinx.weights.directories import is_model_dir
+    from swinx.weights.sources import load_pretrained
+
+    given = Path(path)
+    if given.is_file() or (given.is_dir() and not is_model_dir(given)):
+        path = resolve_checkpoint(given)  # a run directory: its best weights
+    metadata = read_metadata(path) if Path(path).suffix == ".safetensors" and Path(path).is_file() else {}
     if metadata.get("format") == "swinx":
         model = load_model(path)
         spec = json.loads(metadata["input"]) if "input" in metadata else None
         train_config = json.loads(metadata["train_config"]) if "train_config" in metadata else None
     else:
-        state, wrapped = read_state_dict(path)
-        layout = detect_layout(state, wrapped)
-        model = SwinTransformer(infer_config(state, layout))
-        load_checkpoint(model, state, layout=layout)
-        model.class_names, spec, train_config = None, None, None
+        model = load_pretrained(path)
+        spec = {k: v for k, v in model.pretrained_cfg.items() if k not in ("source", "origin")}
+        train_config = None
     spec = spec or default_input_spec(model.config)
     names = model.class_names or [f"class {i}" for i in range(model.num_classes)]
-    return Loaded(model.to(device).eval(), list(names), spec, train_config, path)
+    return Loaded(model.to(device).eval(), list(names), spec, train_config, Path(path))
 
 
 def default_input_spec(config) -> dict:

@@ -183,6 +183,8 @@ class ClassificationTask:
             self.cfg, why = fit_to_data(self.cfg, self.chosen, summarise_folder(self.cfg.data))
             if ddp.main:
                 logger.info(why)
+        if self.cfg.init and self.chosen is not None and not {"mean", "std"} & self.chosen:
+            self.cfg = self.source_statistics(self.cfg, ddp)
         cfg = self.cfg
         self.ddp = ddp
         self.data = build_data(cfg)
@@ -210,6 +212,28 @@ class ClassificationTask:
         self.mixer = mix_transform(cfg, self.num_classes)
         if fitted and ddp.main:
             logger.info(probe_estimate(self.model, cfg, len(self.train_loader), len(self.data.val or ()), device))
+
+    @staticmethod
+    def source_statistics(cfg: TrainConfig, ddp: Dist) -> TrainConfig:
+        """Fine-tuning keeps the normalisation the weights were trained with (as timm's
+        resolve_data_config does): the --init source's mean and std, where it records them."""
+        import dataclasses
+
+        from swinx.weights.sources import resolve
+
+        try:
+            spec = resolve(cfg.init).preprocessing
+        except CheckpointError as e:
+            raise TrainError(f"--init {cfg.init}: {e}") from e
+        if (
+            not spec
+            or len(spec["mean"]) != cfg.in_chans
+            or (list(cfg.mean), list(cfg.std)) == (spec["mean"], spec["std"])
+        ):
+            return cfg
+        if ddp.main:
+            logger.info(f"normalising with --init's mean {spec['mean']} and std {spec['std']} (--mean/--std to change)")
+        return dataclasses.replace(cfg, mean=tuple(spec["mean"]), std=tuple(spec["std"]))
 
     def initialise(self, init: str) -> str:
         """Load --init weights (any layout); returns the load report."""
