@@ -56,7 +56,7 @@ ALIASES = _aliases()
 
 # pretrained=True for a name: timm's hub repository of its weights (timm's default tag comes first).
 _IN1K_FIRST = {"swin_tiny_patch4_window7_224"} | {n for n in ALIASES if n.startswith("swinv2_") and "192" not in n}
-_TIMM_SHORT = {
+TIMM_NAMES = {  # our short names -> timm's name of the same architecture
     "swin_t": "swin_tiny_patch4_window7_224",
     "swin_s": "swin_small_patch4_window7_224",
     "swin_b": "swin_base_patch4_window7_224",
@@ -70,7 +70,7 @@ _TIMM_SHORT = {
 
 def hub_id(name: str) -> str:
     """The hub repository timm keeps `name`'s default weights in, e.g. timm/swin_tiny_patch4_window7_224.ms_in1k."""
-    name = _TIMM_SHORT.get(name, name)
+    name = TIMM_NAMES.get(name, name)
     if name.startswith("swinv2_"):
         name = name.replace("_patch4_", "_")  # timm's V2 names have no patch size
     if name.endswith("_22k"):  # the official 22k names: timm's ms_in22k weights

@@ -20,20 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from swinx.model.swin import SwinTransformer
-from swinx.model.variants import create_model
+from swinx.model.variants import TIMM_NAMES, create_model
 from swinx.tools.flops import macs
 from swinx.weights.checkpoint import export_state_dict
 
-# Our variant name -> the peer's name for the same architecture.
-TIMM_NAMES = {
-    "swin_t": "swin_tiny_patch4_window7_224",
-    "swin_s": "swin_small_patch4_window7_224",
-    "swin_b": "swin_base_patch4_window7_224",
-    "swin_l": "swin_large_patch4_window7_224",
-    "swinv2_t": "swinv2_tiny_window8_256",
-    "swinv2_s": "swinv2_small_window8_256",
-    "swinv2_b": "swinv2_base_window8_256",
-}
 TORCHVISION_NAMES = {
     "swin_t": "swin_t",
     "swin_s": "swin_s",
