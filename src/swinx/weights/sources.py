@@ -98,7 +98,12 @@ def repo_folder(repo_id: str) -> Path:
 
 def read_hub(repo_id: str, revision: str | None = None) -> Pretrained:
     """A hub repository's model directory: downloaded (config and weights only) or, offline, from the cache."""
-    from huggingface_hub import snapshot_download
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id} reads as a hub id, which needs huggingface_hub: pip install huggingface_hub"
+        ) from None
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
