@@ -109,6 +109,15 @@ def predict_onnx(
     return _predict(run, info["input"], classes, images, topk, batch_size)
 
 
+def top_k(probs: torch.Tensor, class_names: list[str], k: int) -> list[list[dict]]:
+    """Per row of (N, classes) probabilities: the k best as [{"class", "index", "probability"}, ...]."""
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [
+        [{"class": class_names[i], "index": i, "probability": p} for p, i in zip(v, ix)]
+        for v, ix in zip(values.tolist(), indices.tolist())
+    ]
+
+
 def _predict(run, spec: dict, class_names: list[str], images, topk: int, batch_size: int) -> list[dict]:
     transform = transform_for_spec(spec)
     k = min(topk, len(class_names))
@@ -119,9 +128,8 @@ def _predict(run, spec: dict, class_names: list[str], images, topk: int, batch_s
         if not pending:
             return
         probs = run(torch.stack([t for _, t in pending])).float().softmax(-1)
-        values, indices = probs.topk(k, dim=-1)
-        for (slot, _), v, ix in zip(pending, values.tolist(), indices.tolist()):
-            results[slot]["top"] = [{"class": class_names[i], "index": i, "probability": p} for p, i in zip(v, ix)]
+        for (slot, _), top in zip(pending, top_k(probs, class_names, k)):
+            results[slot]["top"] = top
         pending.clear()
 
     for path in images:

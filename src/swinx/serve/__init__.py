@@ -1,0 +1,1 @@
+"""`swinx serve`: an HTTP inference server with dynamic batching (app.py, batching.py)."""
