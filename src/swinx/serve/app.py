@@ -16,15 +16,18 @@ import io
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
 from swinx.classification.inference import Loaded, top_k, transform_for_spec
 from swinx.engine.data import READ_ERRORS, open_image
 from swinx.serve.batching import DynamicBatcher, QueueFull, ShuttingDown
+
+PAGE = Path(__file__).parent / "page.html"
 
 
 @dataclass
@@ -180,6 +183,53 @@ def create_app(loaded: Loaded, settings: ServeSettings | None = None):
         metrics.latency.observe(time.perf_counter() - started)
         metrics.requests.labels("/predict", "200").inc()
         return {"image": name, "top": top_k(probs[None], loaded.class_names, k)[0]}
+
+    def viz_image(data: bytes) -> Image.Image:
+        """An upload for the pictures, at the model's own size (what the windows are drawn on)."""
+        side = loaded.input["img_size"]
+        return decode(data, loaded.input["channels"], settings.max_pixels).resize((side, side), Image.BILINEAR)
+
+    def png(draw) -> Response:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = draw(Path(folder) / "picture.png")
+            return Response(path.read_bytes(), media_type="image/png")
+
+    @app.post("/viz/windows", summary="the image with every stage's window grid, regular and shifted (PNG)")
+    async def viz_windows(request: Request):
+        from swinx.tools.viz import draw_windows
+
+        authorise(request)
+        data, _ = await read_upload(request)
+        image = await asyncio.to_thread(viz_image, data)
+        return await asyncio.to_thread(png, lambda out: draw_windows(image, out, model.config, dpi=100))
+
+    @app.post("/viz/attention", summary="one token's attention in a block, stitched back onto the image (PNG)")
+    async def viz_attention(request: Request, stage: int = 1, block: int = 0, y: float = 0.5, x: float = 0.5):
+        """`y`, `x`: where the token is, as fractions of the image's height and width (a click)."""
+        from swinx.tools.viz import draw_attention, stage_layouts
+
+        authorise(request)
+        config = model.config
+        if not 1 <= stage <= len(config.depths) or not 0 <= block < config.depths[stage - 1]:
+            raise Refused(400, f"stage must be 1-{len(config.depths)} and block 0-{config.depths[stage - 1] - 1}")
+        if not (0 <= y <= 1 and 0 <= x <= 1):
+            raise Refused(400, "y and x are fractions of the image's height and width, from 0 to 1")
+        data, _ = await read_upload(request)
+        image = await asyncio.to_thread(viz_image, data)
+        layout = stage_layouts(config, image.size[::-1])[stage - 1]
+        row, col = min(int(y * layout.height), layout.height - 1), min(int(x * layout.width), layout.width - 1)
+        response = await asyncio.to_thread(
+            png, lambda out: draw_attention(loaded, image, out, stage, block, None, (row, col), dpi=90)
+        )
+        response.headers["X-Token"] = f"{row},{col}"
+        response.headers["X-Token-Map"] = f"{layout.height}x{layout.width}"
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text())
 
     @app.get("/health", summary="the process is up")
     async def health():
