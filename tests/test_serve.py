@@ -298,3 +298,83 @@ def test_sigterm_under_load_answers_every_accepted_request(checkpoint, images):
     assert server.process.wait(60) == 0
     assert all(o in (200, "refused") for o in outcomes), outcomes
     assert outcomes.count(200) > 0
+
+
+# ----- detectors and segmenters ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def detector_checkpoint(tmp_path_factory) -> Path:
+    from swinx.detection.train import DetectConfig, build_detector, detector_spec, save_detector, scenes_preset
+
+    spec = detector_spec(DetectConfig.from_dict(scenes_preset()), 3)
+    spec["detector_args"].update(score_thresh=0.0, detections_per_img=5)  # a fresh head scores low: keep boxes
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("det") / "detector.safetensors"
+    save_detector(build_detector(spec).eval(), path, spec, ["one", "two", "three"], {})
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter_checkpoint(tmp_path_factory) -> Path:
+    from swinx.segmentation.train import SegmentConfig, build_segmenter, scenes_preset, segmenter_spec
+    from swinx.weights.checkpoint import save_task_model
+
+    spec = segmenter_spec(SegmentConfig.from_dict(scenes_preset()), 3)
+    torch.manual_seed(0)
+    meta = {"segmenter": json.dumps(spec), "classes": json.dumps(["sky", "sea", "sand"]),
+            "palette": json.dumps([[0, 0, 255], [0, 128, 0], [255, 200, 0]])}  # fmt: skip
+    path = tmp_path_factory.mktemp("seg") / "segmenter.safetensors"
+    save_task_model(build_segmenter(spec).eval(), path, "segmentation", meta)
+    return path
+
+
+def concurrently(server, bodies: list[bytes]) -> list:
+    results = [None] * len(bodies)
+
+    def call(i):
+        results[i] = server.predict(bodies[i], name=f"{i}.png")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_detector_boxes_batched_by_size_equal_one_by_one(detector_checkpoint, images):
+    from swinx.serve.tasks import load_served
+
+    local = load_served(str(detector_checkpoint), threshold=0.0)
+    with serving(detector_checkpoint, "--max-wait-ms", "50", "--threshold", "0") as server:
+        status, body, _ = server.request("GET", "/model")
+        assert status == 200 and json.loads(body)["task"] == "detection"
+        results = concurrently(server, [p.read_bytes() for p in images[:12]])
+        batches = metric(server, "swinx_batch_size_count")
+    assert all(r[0] == 200 for r in results)
+    assert batches < 12  # same-size images shared batches (six sizes among the twelve)
+    for path, (_, out, _) in zip(images[:12], results):
+        image = Image.open(path).convert("RGB")
+        want = local.answer(local.run([local.preprocess(image)])[0], out["image"], image.size)
+        assert (out["width"], out["height"]) == image.size and len(out["detections"]) == 5
+        for got, ref in zip(out["detections"], want["detections"]):
+            assert got["class"] == ref["class"] and abs(got["score"] - ref["score"]) < 1e-3
+            assert max(abs(a - b) for a, b in zip(got["box"], ref["box"])) < 0.2
+
+
+def test_segmenter_mask_png_at_the_image_size(segmenter_checkpoint, images):
+    import base64
+    import io
+
+    from swinx.serve.tasks import load_served
+
+    local = load_served(str(segmenter_checkpoint))
+    with serving(segmenter_checkpoint, "--max-wait-ms", "50") as server:
+        results = concurrently(server, [p.read_bytes() for p in images[:6]])
+    for path, (status, out, _) in zip(images[:6], results):
+        assert status == 200
+        image = Image.open(path).convert("RGB")
+        mask = Image.open(io.BytesIO(base64.b64decode(out["mask_png"])))
+        assert mask.mode == "P" and mask.size == image.size == (out["width"], out["height"])
+        want = local.run([local.preprocess(image)])[0]
+        assert torch.equal(torch.as_tensor(list(mask.getdata())).view(want.shape), want.long())
+        assert abs(sum(out["classes"].values()) - 100) < 0.1 and set(out["classes"]) <= {"sky", "sea", "sand"}

@@ -100,16 +100,15 @@ def _convert_to_model_dir(model, out: Path, args, names: list[str] | None, spec:
 
 
 def cmd_serve(args) -> int:
-    from swinx.classification.inference import load_for_inference
-
     try:
         from swinx.serve.app import ServeSettings, create_app, run_server
+        from swinx.serve.tasks import load_served
     except ImportError as e:
         raise ValueError(f"swinx serve needs FastAPI and uvicorn ({e}): pip install 'swinx[serve]'") from None
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_for_inference(args.checkpoint, args.device)
+    served = load_served(args.checkpoint, args.device, args.topk, args.threshold)
     settings = ServeSettings(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -117,13 +116,13 @@ def cmd_serve(args) -> int:
         timeout=args.timeout,
         max_bytes=args.max_bytes,
         max_pixels=args.max_pixels,
-        topk=args.topk,
         token=args.token or None,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
         logging.getLogger("swinx").warning(f"serving on {args.host} without a token: anyone who reaches it can use it")
-    print(f"serving {loaded.path} ({len(loaded.class_names)} classes) on http://{args.host}:{args.port}", flush=True)
-    run_server(create_app(loaded, settings), args.host, args.port)
+    print(f"serving the {served.task} model {args.checkpoint} ({len(served.classes)} classes) on "
+          f"http://{args.host}:{args.port}", flush=True)  # fmt: skip
+    run_server(create_app(served, settings), args.host, args.port)
     return 0
 
 
@@ -683,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment_parser(sub)
 
     p = sub.add_parser("serve", help="HTTP inference server with dynamic batching (FastAPI under uvicorn)")
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint file, model directory or hub id")
+    p.add_argument("--checkpoint", required=True, help="a classifier, detector or segmenter: run directory or "
+                   "checkpoint file (a classifier also: model directory or hub id)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32, help="most images per model call")
@@ -692,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer (504)")
     p.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest upload (413)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, from its header (413)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="classes per answer (a classifier)")
+    p.add_argument("--threshold", type=float, default=0.5, help="lowest score of a box in the answer (a detector)")
     p.add_argument("--threads", type=int, help="torch compute threads (default: torch's)")
     p.add_argument("--token", default=os.environ.get("SWINX_TOKEN"), help="require 'Authorization: Bearer TOKEN' "
                    "(default: $SWINX_TOKEN; none)")  # fmt: skip

@@ -18,14 +18,13 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
-from swinx.classification.inference import Loaded, top_k, transform_for_spec
 from swinx.engine.data import READ_ERRORS, open_image
 from swinx.serve.batching import DynamicBatcher, QueueFull, ShuttingDown
+from swinx.serve.tasks import Served
 
 PAGE = Path(__file__).parent / "page.html"
 
@@ -38,7 +37,6 @@ class ServeSettings:
     timeout: float = 30.0  # seconds a request may wait for its answer
     max_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
-    topk: int = 5
     token: str | None = None
 
 
@@ -98,20 +96,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(loaded: Loaded, settings: ServeSettings | None = None):
-    """The FastAPI app serving `loaded` (a classifier from `load_for_inference`)."""
+def create_app(served: Served, settings: ServeSettings | None = None):
+    """The FastAPI app serving `served` (tasks.load_served: a classifier, detector or segmenter)."""
     settings = settings or ServeSettings()
     metrics = Metrics(settings.max_batch)
-    transform = transform_for_spec(loaded.input)
-    model = loaded.model.eval()
-    k = min(settings.topk, len(loaded.class_names))
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(batch.to(next(model.parameters()).device)).float().softmax(-1).cpu()
-
     batcher = DynamicBatcher(
-        run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue, on_batch=metrics.batch.observe
+        served.run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue, on_batch=metrics.batch.observe
     )
     metrics.queue.set_function(lambda: batcher.depth)
     state = {"ready": False}
@@ -163,13 +153,16 @@ def create_app(loaded: Loaded, settings: ServeSettings | None = None):
             chunks.append(chunk)
         return b"".join(chunks), request.query_params.get("name", "upload")
 
-    @app.post("/predict", summary="top-k classes of one image (multipart field 'file', or the raw body)")
+    @app.post("/predict", summary="one image's prediction (multipart field 'file', or the raw body)")
     async def predict(request: Request):
+        """A classifier answers {"image", "top": [{"class", "index", "probability"}, ...]} (as `swinx predict
+        --json`), a detector {"image", "width", "height", "detections": [{"class", "label", "score",
+        "box"}]}, a segmenter {"image", "width", "height", "classes": {name: percent}, "mask_png"}."""
         started = time.perf_counter()
         authorise(request)
         data, name = await read_upload(request)
-        image = await asyncio.to_thread(decode, data, loaded.input["channels"], settings.max_pixels)
-        tensor = await asyncio.to_thread(transform, image)
+        image = await asyncio.to_thread(decode, data, served.channels, settings.max_pixels)
+        tensor = await asyncio.to_thread(served.preprocess, image)
         try:
             future = batcher.submit(tensor)
         except QueueFull as e:
@@ -177,17 +170,22 @@ def create_app(loaded: Loaded, settings: ServeSettings | None = None):
         except ShuttingDown as e:
             raise Refused(503, str(e), {"Retry-After": "5"}) from None
         try:
-            probs = await asyncio.wait_for(future, settings.timeout)
+            output = await asyncio.wait_for(future, settings.timeout)
         except TimeoutError:
             raise Refused(504, f"no answer within {settings.timeout:g} s") from None
+        answer = await asyncio.to_thread(served.answer, output, name, image.size)
         metrics.latency.observe(time.perf_counter() - started)
         metrics.requests.labels("/predict", "200").inc()
-        return {"image": name, "top": top_k(probs[None], loaded.class_names, k)[0]}
+        return answer
 
     def viz_image(data: bytes) -> Image.Image:
-        """An upload for the pictures, at the model's own size (what the windows are drawn on)."""
-        side = loaded.input["img_size"]
-        return decode(data, loaded.input["channels"], settings.max_pixels).resize((side, side), Image.BILINEAR)
+        """An upload for the pictures: a classifier's at its input size, a dense model's at most 448 px."""
+        image = decode(data, served.channels, settings.max_pixels)
+        if served.task == "classification":
+            side = served.loaded.input["img_size"]
+            return image.resize((side, side), Image.BILINEAR)
+        scale = min(1.0, 448 / max(image.size))
+        return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
 
     def png(draw) -> Response:
         import tempfile
@@ -203,7 +201,7 @@ def create_app(loaded: Loaded, settings: ServeSettings | None = None):
         authorise(request)
         data, _ = await read_upload(request)
         image = await asyncio.to_thread(viz_image, data)
-        return await asyncio.to_thread(png, lambda out: draw_windows(image, out, model.config, dpi=100))
+        return await asyncio.to_thread(png, lambda out: draw_windows(image, out, served.config, dpi=100))
 
     @app.post("/viz/attention", summary="one token's attention in a block, stitched back onto the image (PNG)")
     async def viz_attention(request: Request, stage: int = 1, block: int = 0, y: float = 0.5, x: float = 0.5):
@@ -211,7 +209,9 @@ def create_app(loaded: Loaded, settings: ServeSettings | None = None):
         from swinx.tools.viz import draw_attention, stage_layouts
 
         authorise(request)
-        config = model.config
+        if served.task != "classification":
+            raise Refused(400, f"attention pictures are drawn for classifiers; this server runs a {served.task} model")
+        config = served.config
         if not 1 <= stage <= len(config.depths) or not 0 <= block < config.depths[stage - 1]:
             raise Refused(400, f"stage must be 1-{len(config.depths)} and block 0-{config.depths[stage - 1] - 1}")
         if not (0 <= y <= 1 and 0 <= x <= 1):
@@ -221,7 +221,7 @@ def create_app(loaded: Loaded, settings: ServeSettings | None = None):
         layout = stage_layouts(config, image.size[::-1])[stage - 1]
         row, col = min(int(y * layout.height), layout.height - 1), min(int(x * layout.width), layout.width - 1)
         response = await asyncio.to_thread(
-            png, lambda out: draw_attention(loaded, image, out, stage, block, None, (row, col), dpi=90)
+            png, lambda out: draw_attention(served.loaded, image, out, stage, block, None, (row, col), dpi=90)
         )
         response.headers["X-Token"] = f"{row},{col}"
         response.headers["X-Token-Map"] = f"{layout.height}x{layout.width}"
@@ -244,13 +244,8 @@ def create_app(loaded: Loaded, settings: ServeSettings | None = None):
     @app.get("/model", summary="the model's config, classes and preprocessing")
     async def model_info(request: Request):
         authorise(request)
-        return {
-            "task": "classification",
-            "config": model.config.to_dict(),
-            "classes": loaded.class_names,
-            "preprocessing": loaded.input,
-            "serving": {k: v for k, v in asdict(settings).items() if k != "token"},
-        }
+        serving = {k: v for k, v in asdict(settings).items() if k != "token"}
+        return {"task": served.task, "classes": served.classes, **served.info, "serving": serving}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics_text(request: Request):

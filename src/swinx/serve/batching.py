@@ -1,7 +1,8 @@
 """Dynamic batching: requests that arrive within a few milliseconds of each other run as one batch.
 
 `DynamicBatcher.submit(tensor)` queues one preprocessed image (bounded: `QueueFull` past
-`max_queue`) and returns a future for its output row. One loop on the event loop takes the
+`max_queue`) and returns a future for its output; `run` takes a list of same-shape tensors and
+returns one output per tensor. One loop on the event loop takes the
 first waiting item, gathers more for up to `max_wait` seconds or `max_batch` items, groups them
 by shape (a batch needs one size), and runs each group in a worker thread so the server keeps
 answering while the model computes. `close()` stops new submissions and finishes what is queued.
@@ -33,7 +34,7 @@ class _Item:
 class DynamicBatcher:
     def __init__(
         self,
-        run: Callable[[torch.Tensor], torch.Tensor],
+        run: Callable[[list[torch.Tensor]], list],
         max_batch: int = 32,
         max_wait: float = 0.005,
         max_queue: int = 256,
@@ -110,7 +111,7 @@ class DynamicBatcher:
             for group in groups.values():
                 self.on_batch(len(group))
                 try:
-                    out = await asyncio.to_thread(self.run, torch.stack([i.tensor for i in group]))
+                    out = await asyncio.to_thread(self.run, [i.tensor for i in group])
                 except Exception as e:  # the model failed: every request of the batch hears why
                     for item in group:
                         if not item.future.done():
