@@ -1,13 +1,15 @@
 """Load on `swinx serve`: N concurrent clients on loopback, dynamic batching against batch-1 serving.
 
-    python benchmarks/serve_bench.py [--checkpoint CKPT] [--clients 32] [--requests 960] [--threads 2]
+    python benchmarks/serve_bench.py [--checkpoint CKPT | --detector] [--clients 32] [--requests 960] [--threads 2]
 
 Starts the real server (a subprocess, a free loopback port) twice on the same checkpoint: with
 dynamic batching (--max-batch 32, --max-wait-ms 5) and with batches of one (--max-batch 1). Each
 time, `--clients` threads with keep-alive connections send `--requests` uploads in all (the
 fixture digits, in turn) as fast as answers come. Reports throughput, p50/p95/p99 latency, the
 mean batch size (from /metrics), failed requests, and the throughput ratio; writes a CSV row per
-mode to benchmarks/results/serve.csv. Bounded in requests; loopback only.
+mode to benchmarks/results/serve.csv. Bounded in requests; loopback only. `--detector` serves the
+digit-scenes preset's FCOS detector (untrained weights: the speed of the network and its
+post-processing, not of a trained model's boxes) on 256x256 scene-sized images.
 """
 
 from __future__ import annotations
@@ -134,9 +136,41 @@ def measure(checkpoint: Path, bodies, clients, requests, threads, mode: str) -> 
     return {"mode": mode, "clients": clients, **row}
 
 
+def untrained_detector() -> Path:
+    import tempfile
+
+    from swinx.detection.train import DetectConfig, build_detector, detector_spec, save_detector, scenes_preset
+
+    spec = detector_spec(DetectConfig.from_dict(scenes_preset()), 10)
+    path = Path(tempfile.mkdtemp()) / "detector.safetensors"
+    save_detector(build_detector(spec).eval(), path, spec, [str(d) for d in range(10)], {})
+    return path
+
+
+def scene_images(count: int = 8, side: int = 256) -> list[bytes]:
+    """Scene-sized PNGs: the fixture digits tiled on a 256x256 canvas."""
+    import io
+
+    from PIL import Image
+
+    digits = [Image.open(p).convert("RGB") for p in sorted(FIXTURES.glob("digit*.png"))]
+    out = []
+    for i in range(count):
+        canvas = Image.new("RGB", (side, side), (235, 235, 235))
+        for j in range(6):
+            canvas.paste(
+                digits[(i + j) % len(digits)], ((37 * (i + 3 * j)) % (side - 32), (53 * (i + j)) % (side - 32))
+            )
+        buffer = io.BytesIO()
+        canvas.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=FIXTURES / "digits32.safetensors")
+    parser.add_argument("--detector", action="store_true", help="serve the scenes preset's detector instead")
     parser.add_argument("--images", type=Path, nargs="+", default=sorted(FIXTURES.glob("digit*.png")))
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=960)
@@ -144,6 +178,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.csv"), help="CSV ('': none)")
     args = parser.parse_args()
     bodies = [p.read_bytes() for p in args.images]
+    if args.detector:
+        args.checkpoint, bodies = untrained_detector(), scene_images()
     rows = [
         measure(args.checkpoint, bodies, args.clients, args.requests, args.threads, m) for m in ("batch1", "dynamic")
     ]
