@@ -59,7 +59,7 @@ from torch import nn
 
 import swinx
 from swinx.detection.model import create_detector
-from swinx.tools.bench import TIMM_NAMES, interleaved
+from swinx.tools.bench import TIMM_NAMES, cpu_model, interleaved
 
 TOL = 1e-4
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -320,16 +320,6 @@ def infer_step(detector: nn.Module, images):
 
 # ---------------------------------------------------------------------------------------------
 # Host and output
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def default_out() -> Path:

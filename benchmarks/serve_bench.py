@@ -19,7 +19,6 @@ import csv
 import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -29,18 +28,10 @@ import threading
 import time
 from pathlib import Path
 
+from swinx.tools.bench import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "serve"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:
@@ -184,7 +175,7 @@ def main() -> None:
         measure(args.checkpoint, bodies, args.clients, args.requests, args.threads, m) for m in ("batch1", "dynamic")
     ]
     ratio = rows[1]["throughput"] / rows[0]["throughput"]
-    host = cpu_name()
+    host = cpu_model()
     for row in rows:
         row.update(checkpoint=args.checkpoint.name, host=host, cores=os.cpu_count(), ratio=round(ratio, 2))
         print(json.dumps(row))
