@@ -94,3 +94,64 @@ def test_narrow_screen(browser, page_url):
     ARTEFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTEFACTS / "serve-page-narrow.png"), full_page=True)
     page.close()
+
+
+def test_windows_of_one_stage(browser, page_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(page_url)
+    page.wait_for_function("!document.querySelector('#about').textContent.includes('loading')")
+    page.set_input_files("#file", str(FIXTURES / "digit3.png"))
+    page.wait_for_selector("#prediction .bar")
+    page.select_option("#windows-stage", "2")
+    page.click("#windows-button")
+    assert loaded_picture(page, "#windows")
+    one = page.evaluate("document.querySelector('#windows').naturalHeight")
+    page.select_option("#windows-stage", "0")
+    page.click("#windows-button")
+    page.wait_for_function(f"document.querySelector('#windows').naturalHeight > {one * 2}", timeout=60_000)
+    page.close()
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_dense_models_draw_over_the_image(browser, task, tmp_path_factory):
+    """A detector's boxes are drawn over the image, a segmenter's mask laid on it; bars list them."""
+    checkpoint = make_dense(task, tmp_path_factory)
+    with serving(checkpoint, "--threshold", "0") as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_function(f"document.querySelector('#about').textContent.startsWith('{task}')")
+        page.set_input_files("#file", str(FIXTURES / "digit3.png"))
+        page.wait_for_selector("#prediction .bar")
+        if task == "detection":
+            assert page.locator("#boxes rect").count() == 5 and page.locator("#prediction .bar").count() == 5
+        else:
+            assert page.is_visible("#mask")
+            page.wait_for_function("document.querySelector('#mask').naturalWidth === 32")
+        assert page.is_visible("#dense-hint")
+        page.screenshot(path=str(ARTEFACTS / f"serve-page-{task}.png"), full_page=True)
+        page.close()
+
+
+def make_dense(task, tmp_path_factory):
+    import json
+
+    import torch
+
+    from swinx.weights.checkpoint import save_task_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(task)
+    if task == "detection":
+        from swinx.detection.train import DetectConfig, build_detector, detector_spec, save_detector, scenes_preset
+
+        spec = detector_spec(DetectConfig.from_dict(scenes_preset()), 3)
+        spec["detector_args"].update(score_thresh=0.0, detections_per_img=5)
+        save_detector(build_detector(spec).eval(), folder / "m.safetensors", spec, ["a", "b", "c"], {})
+    else:
+        from swinx.segmentation.train import SegmentConfig, build_segmenter, scenes_preset, segmenter_spec
+
+        spec = segmenter_spec(SegmentConfig.from_dict(scenes_preset()), 3)
+        meta = {"segmenter": json.dumps(spec), "classes": json.dumps(["a", "b", "c"]),
+                "palette": json.dumps([[255, 0, 0], [0, 255, 0], [0, 0, 255]])}  # fmt: skip
+        save_task_model(build_segmenter(spec).eval(), folder / "m.safetensors", "segmentation", meta)
+    return folder / "m.safetensors"

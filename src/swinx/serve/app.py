@@ -194,14 +194,18 @@ def create_app(served: Served, settings: ServeSettings | None = None):
             path = draw(Path(folder) / "picture.png")
             return Response(path.read_bytes(), media_type="image/png")
 
-    @app.post("/viz/windows", summary="the image with every stage's window grid, regular and shifted (PNG)")
-    async def viz_windows(request: Request):
+    @app.post("/viz/windows", summary="the image with a stage's window grid, regular and shifted (PNG)")
+    async def viz_windows(request: Request, stage: int = 0):
+        """`stage`: from 1; 0 draws every stage."""
         from swinx.tools.viz import draw_windows
 
         authorise(request)
+        if not 0 <= stage <= len(served.config.depths):
+            raise Refused(400, f"stage must be 1-{len(served.config.depths)}, or 0 for every stage")
         data, _ = await read_upload(request)
         image = await asyncio.to_thread(viz_image, data)
-        return await asyncio.to_thread(png, lambda out: draw_windows(image, out, served.config, dpi=100))
+        stages = [stage] if stage else None
+        return await asyncio.to_thread(png, lambda out: draw_windows(image, out, served.config, dpi=110, stages=stages))
 
     @app.post("/viz/attention", summary="one token's attention in a block, stitched back onto the image (PNG)")
     async def viz_attention(request: Request, stage: int = 1, block: int = 0, y: float = 0.5, x: float = 0.5):

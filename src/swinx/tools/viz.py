@@ -677,11 +677,13 @@ def draw_windows(
     size: tuple[int, int] | None = None,
     small_map: str | None = None,
     dpi: int = 120,
+    stages: list[int] | None = None,
 ) -> Path:
     """The image with each stage's token grid and window grid, regular and shifted side by side.
 
-    One row per stage. Padding (the map padded to a multiple of the window at the bottom and
-    right) is hatched; in the shifted column the nine regions are coloured and numbered.
+    One row per stage (`stages`: only these, numbered from 1). Padding (the map padded to a
+    multiple of the window at the bottom and right) is hatched; in the shifted column the nine
+    regions are coloured and numbered.
     `image` is a path, a PIL image or an array; `size` (H, W) resizes it first.
     """
     from matplotlib.collections import LineCollection
@@ -693,6 +695,10 @@ def draw_windows(
     img = _as_image(image, 3, size)
     W, H = img.size
     layouts = stage_layouts(config, (H, W))
+    if stages is not None:
+        for stage in stages:
+            _check_stage(config, stage)
+        layouts = [layout for layout in layouts if layout.stage in stages]
     panel_w = 3.5
     heights = [panel_w * l.padded[0] / l.padded[1] for l in layouts]
     fig = _figure(2 * panel_w + 0.3, sum(heights) + 0.75 * len(layouts) + 1.0, dpi)
