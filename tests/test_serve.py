@@ -383,3 +383,12 @@ def test_segmenter_mask_png_at_the_image_size(segmenter_checkpoint, images):
         want = local.run([local.preprocess(image)])[0]
         assert torch.equal(torch.as_tensor(list(mask.getdata())).view(want.shape), want.long())
         assert abs(sum(out["classes"].values()) - 100) < 0.1 and set(out["classes"]) <= {"sky", "sea", "sand"}
+
+
+def test_a_request_past_its_timeout_gets_504(checkpoint, images):
+    """--timeout below the batching wait: the answer cannot come in time; 504 with the reason, and the
+    server keeps serving (the late result is dropped, not sent to anyone)."""
+    with serving(checkpoint, "--timeout", "0.01", "--max-wait-ms", "200") as server:
+        status, out, _ = server.predict(images[0].read_bytes())
+        assert status == 504 and "no answer within 0.01 s" in out["error"]
+        assert server.request("GET", "/health")[0] == 200
