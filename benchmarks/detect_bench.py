@@ -59,7 +59,8 @@ from torch import nn
 
 import swinx
 from swinx.detection.model import create_detector
-from swinx.tools.bench import TIMM_NAMES, cpu_model, interleaved
+from swinx.tools.bench import TIMM_NAMES, interleaved
+from swinx.tools.host import host_line, host_slug
 
 TOL = 1e-4
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -323,7 +324,7 @@ def infer_step(detector: nn.Module, images):
 
 
 def default_out() -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-").lower() or "cpu"
+    slug = host_slug()
     return RESULTS / f"detect-{slug}_torch{torch.__version__.split('+')[0]}_{time.strftime('%Y-%m-%d')}.csv"
 
 
@@ -446,7 +447,7 @@ def main(argv=None) -> list[dict]:
     modes = ["train", "infer"] if args.mode == "both" else [args.mode]
     images, targets = synthetic_batch(args.batch, (H, W), args.num_classes, args.detector == "maskrcnn", args.seed)
     host = {
-        "cpu": cpu_model(),
+        "cpu": host_line(),
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -338,7 +338,7 @@ def main(argv=None) -> list[dict]:
     modes = ["train", "infer"] if args.mode == "both" else [args.mode]
     images, masks = synthetic_batch(args.batch, (H, W), args.num_classes, args.seed)
     host = {
-        "cpu": detect.cpu_model(),
+        "cpu": detect.host_line(),
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

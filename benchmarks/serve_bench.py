@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from swinx.tools.bench import cpu_model
+from swinx.tools.host import host_line
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "serve"
@@ -175,7 +175,7 @@ def main() -> None:
         measure(args.checkpoint, bodies, args.clients, args.requests, args.threads, m) for m in ("batch1", "dynamic")
     ]
     ratio = rows[1]["throughput"] / rows[0]["throughput"]
-    host = cpu_model()
+    host = host_line()
     for row in rows:
         row.update(checkpoint=args.checkpoint.name, host=host, cores=os.cpu_count(), ratio=round(ratio, 2))
         print(json.dumps(row))

@@ -15,6 +15,7 @@ import torch
 import swinx
 from swinx.classification.data import DataError
 from swinx.classification.recipe import TrainError
+from swinx.engine.threads import THREADS_HELP
 from swinx.model.windows import SMALL_MAP_POLICIES
 from swinx.weights.checkpoint import CheckpointError, atomic_write
 from swinx.weights.layouts import infer_config
@@ -177,6 +178,7 @@ TRAIN_HELP = {
     "crop_pct": "evaluation centre-crop fraction",
     "out": "run directory (default runs/<name>-<time>)",
     "workers": "data loader processes (default: follow the machine, none on 1-2 cores)",
+    "threads": THREADS_HELP,
     "progress": "progress bar: auto (on a terminal), on or off",
     "max_bad_images": "stop when an epoch has more unreadable images than this (default: skip them all)",
 }
@@ -223,7 +225,7 @@ def _number_or_text(text: str):
     return text
 
 
-RESUME_KEEPS = ("epochs", "workers", "progress", "device")  # the flags a resumed run may change
+RESUME_KEEPS = ("epochs", "workers", "threads", "progress", "device")  # the flags a resumed run may change
 
 
 def config_from_args(args, config_class, resolve_config) -> tuple[object, set[str]]:
@@ -344,7 +346,12 @@ def cmd_bench(args) -> int:
         print(f"wrote {out}")
         return 0
     device = torch.device(args.device)
-    print(f"{bench.device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    from swinx.tools.host import host_line
+
+    where = (
+        f"{bench.device_name(device)}, {torch.get_num_threads()} CPU threads" if device.type == "cuda" else host_line()
+    )
+    print(f"{where}, torch {torch.__version__}")
     rates = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         kernels = bench.matmul_rate(dtype, device)

@@ -7,10 +7,12 @@ collate function drops it, and the training loop counts and reports it.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
@@ -192,6 +194,65 @@ def train_transform(
     if reprob > 0:
         steps.append(v2.RandomErasing(reprob, value=0))
     return v2.Compose(steps)
+
+
+class BatchResizedCrop:
+    """RandomResizedCrop, then normalisation, for a whole batch of in-memory uint8 images in one call.
+
+    Crop boxes are drawn per image as RandomResizedCrop draws them (area fraction in `scale`,
+    log-uniform aspect ratio in `ratio`, ten tries, then the centre crop), all at once; one
+    `grid_sample` resamples every crop to `size`. Two differences from the per-image transform:
+    grid_sample's bicubic kernel has a = -0.75 where torchvision's antialiased resize has PIL's
+    -0.5, and it reads the real pixels just outside a crop's edge rather than repeating the
+    edge (mean |difference| 0.004 of the range on MNIST crops). No antialiasing is needed while
+    crops are not larger than the output (the MNIST preset's are at most 28 px, resized to 28).
+    For the preset this replaces 11.5 ms of per-image transforms per batch of 64 with 0.8 ms.
+    """
+
+    def __init__(self, size: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic"):
+        self.size, self.scale, self.ratio, self.mode = size, scale, ratio, interpolation
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def boxes(self, n: int, height: int, width: int, tries: int = 10) -> torch.Tensor:
+        """(n, 4) crop boxes (top, left, height, width) in pixels, drawn from torch's global generator."""
+        area = height * width * torch.empty(n, tries).uniform_(*self.scale)
+        log_ratio = torch.empty(n, tries).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect = torch.exp(log_ratio)
+        w = torch.sqrt(area * aspect).round()
+        h = torch.sqrt(area / aspect).round()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = torch.where(fits.any(1), fits.float().argmax(1), -1)
+        pick = first.clamp(min=0)[:, None]
+        h, w = h.gather(1, pick)[:, 0], w.gather(1, pick)[:, 0]
+        # none of the tries fit: the centre crop of the whole image at the ratio's bounds
+        side_ratio = width / height
+        if side_ratio < self.ratio[0]:
+            cw, ch = float(width), float(round(width / self.ratio[0]))
+        elif side_ratio > self.ratio[1]:
+            cw, ch = float(round(height * self.ratio[1])), float(height)
+        else:
+            cw, ch = float(width), float(height)
+        none = first < 0
+        h, w = torch.where(none, ch, h), torch.where(none, cw, w)
+        top = torch.floor(torch.rand(n) * (height - h + 1))
+        left = torch.floor(torch.rand(n) * (width - w + 1))
+        top = torch.where(none, torch.div(height - h, 2, rounding_mode="floor"), top)
+        left = torch.where(none, torch.div(width - w, 2, rounding_mode="floor"), left)
+        return torch.stack([top, left, h, w], 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> normalised float32 (N, C, size, size)."""
+        n, _, height, width = images.shape
+        top, left, h, w = self.boxes(n, height, width).to(images.device).unbind(1)
+        theta = torch.zeros(n, 2, 3, device=images.device)
+        # output pixel u -> input pixel left + (u + 0.5) w / size - 0.5, in grid_sample's [-1, 1] units
+        theta[:, 0, 0], theta[:, 0, 2] = w / width, (2 * left + w) / width - 1
+        theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
+        grid = F.affine_grid(theta, (n, 1, self.size, self.size), align_corners=False)
+        x = images.float().div_(255)
+        x = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False).clamp_(0, 1)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
 def eval_transform(img_size: int, mean, std, *, crop_pct: float = 0.875, interpolation: str = "bicubic") -> v2.Compose:

@@ -19,6 +19,7 @@ from swinx.engine.config import (  # noqa: F401 - re-exported for the tasks
     finetune_param_groups,
     freeze,
     param_groups,
+    preset_amp,
     read_settings,
     warmup_cosine,
 )
@@ -78,6 +79,7 @@ class TrainConfig:
     name: str | None = None
     progress: str = "auto"  # auto (on a terminal) | on | off
     max_bad_images: int | None = None  # stop when more images than this are unreadable in one epoch
+    threads: int = 0  # CPU compute threads; 0: follow what other processes leave free (engine/threads.py)
 
     def __post_init__(self):
         if self.workers is None:
@@ -157,9 +159,14 @@ MNIST_PRESET = dict(
 def resolve_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults, then the MNIST preset when no data is given, then a YAML file, then flags."""
     settings = read_settings(yaml_path, overrides)
-    base = {} if settings.get("data") else dict(MNIST_PRESET)
+    base = {} if settings.get("data") else mnist_preset()
     base.update(settings)
     return TrainConfig.from_dict(base)
+
+
+def mnist_preset() -> dict:
+    """MNIST_PRESET, with the presets' precision (`preset_amp`: bf16 autocast on a CPU with native bf16)."""
+    return dict(MNIST_PRESET, amp=preset_amp())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +279,7 @@ def small_data_preset(summary: DataSummary) -> dict:
     tokens = side // patch
     fits = [w for w in (8, 7, 6, 5, 4) if tokens % w == 0]
     window = next((w for w in fits if w <= tokens // 4), next((w for w in fits if w <= tokens // 2), 4))
-    picked = dict(MNIST_PRESET)
+    picked = mnist_preset()
     picked.update(
         img_size=side,
         window_size=window,

@@ -16,6 +16,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class Data:
     train: torch.utils.data.Dataset
     val: torch.utils.data.Dataset | None
     classes: list[str]
+    batch_transform: Callable | None = None  # the training augmentation, when it runs on whole batches
 
 
 def build_data(cfg: TrainConfig) -> Data:
@@ -67,12 +69,30 @@ def build_data(cfg: TrainConfig) -> Data:
     val_tf = D.eval_transform(cfg.img_size, cfg.mean, cfg.std, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     if cfg.data is None:
         train, val, classes = D.mnist5k()
-        train.transform, val.transform = train_tf, val_tf
+        val.transform = val_tf
+        if crop_only(cfg):  # the MNIST preset: in-memory images, cropped a batch at a time
+            crop = D.BatchResizedCrop(
+                cfg.img_size, cfg.mean, cfg.std, (cfg.crop_scale, 1.0), interpolation=cfg.interpolation
+            )
+            return Data(train, val, classes, crop)
+        train.transform = train_tf
         return Data(train, val, classes)
     train_dir, val_dir, classes = D.folder_splits(cfg.data)
     train = D.ImageFolder(train_dir, classes, cfg.in_chans, train_tf)
     val = D.ImageFolder(val_dir, classes, cfg.in_chans, val_tf) if val_dir is not None else None
     return Data(train, val, classes)
+
+
+def crop_only(cfg: TrainConfig) -> bool:
+    """The augmentation is a random resized crop with a square output of at least the images' side
+    (MNIST's 28), which `BatchResizedCrop` computes for the whole batch."""
+    return (
+        cfg.hflip == 0
+        and cfg.auto_augment == "none"
+        and cfg.reprob == 0
+        and cfg.img_size >= 28
+        and cfg.interpolation in ("bicubic", "bilinear")
+    )
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> SwinTransformer:
@@ -265,6 +285,8 @@ class ClassificationTask:
 
     def loss(self, net: torch.nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if self.data.batch_transform is not None:
+            images = self.data.batch_transform(images)
         targets = labels
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)

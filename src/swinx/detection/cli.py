@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from swinx.engine.threads import THREADS_HELP
+
 DETECT_HELP = {
     "data": "COCO root: annotations/instances_{train,val}*.json beside {train,val}*/ image folders "
     "(default: the built-in digit scenes)",
@@ -21,6 +23,7 @@ DETECT_HELP = {
     "schedule": "step (x0.1 at --milestones epochs) or cosine",
     "val_every": "score the validation split every N epochs (and at the last)",
     "workers": "data loader processes (default: none on 1-2 cores, else up to 4)",
+    "threads": THREADS_HELP,
     "out": "run directory (default runs/detect-<name>-<time>)",
     "progress": "progress bar: auto (on a terminal), on or off",
     "max_bad_images": "stop when an epoch has more unreadable images than this (default: skip them all)",

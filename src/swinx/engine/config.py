@@ -4,7 +4,7 @@ A task's config is its own dataclass (classification's TrainConfig, detection's 
 the engine reads these attributes of it:
 
     init, epochs, batch_size, accum_steps, clip_grad, ema_decay, amp, grad_checkpointing,
-    seed, workers, device, out, progress, max_bad_images
+    seed, workers, device, out, progress, max_bad_images, threads
 
 and `to_dict()` for config.yaml. `check_engine_settings` validates them for any task.
 """
@@ -53,8 +53,8 @@ def check_engine_settings(cfg) -> list[str]:
             problems.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         problems.append(f"lr must be positive, got {cfg.lr}")
-    if cfg.min_lr < 0 or cfg.warmup_lr < 0 or cfg.warmup_epochs < 0 or cfg.workers < 0:
-        problems.append("min_lr, warmup_lr, warmup_epochs and workers cannot be negative")
+    if cfg.min_lr < 0 or cfg.warmup_lr < 0 or cfg.warmup_epochs < 0 or cfg.workers < 0 or cfg.threads < 0:
+        problems.append("min_lr, warmup_lr, warmup_epochs, workers and threads cannot be negative")
     if not 0 <= cfg.ema_decay < 1:
         problems.append(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.progress not in ("auto", "on", "off"):
@@ -82,6 +82,14 @@ def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def preset_amp() -> str:
+    """The built-in presets' precision: bfloat16 autocast on a CPU that computes bf16 natively
+    (AMX or AVX512-BF16: 1.5-1.8x faster per step for these small models), else "auto"
+    (bf16 on a GPU that supports it, float32 elsewhere)."""
+    on_cpu = not torch.cuda.is_available()
+    return "bf16" if on_cpu and cpu_has_native_bf16() else "auto"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -4,8 +4,9 @@ On x86 CPUs PyTorch ships oneDNN, whose linear kernel runs Swin's matrix shapes 
 as fast as the default `addmm` (BLAS) and can apply GELU in the same pass. PyTorch gives it
 no backward, so training goes through `OneDNNLinear`, an autograd function whose forward and
 input gradient use oneDNN and whose weight gradient uses BLAS (faster for the tall, thin
-products of the weight gradient). Everything is skipped under torch.compile and tracing,
-where the compiler picks kernels itself.
+products of the weight gradient). Training under bfloat16 autocast keeps F.linear, which autocast
+already sends to oneDNN's bf16 matmul with its native backward. Everything is skipped under
+torch.compile and tracing, where the compiler picks kernels itself.
 """
 
 from __future__ import annotations
@@ -80,13 +81,16 @@ def linear(
     """F.linear (then exact erf GELU when `gelu`), through oneDNN on the CPU where it is available."""
     if not (fast and _onednn_usable(x)):
         return _plain(x, weight, bias, gelu)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if torch.is_autocast_enabled("cpu"):  # do what autocast would have done for F.linear
+        if training:  # autocast's F.linear is oneDNN's bf16 matmul already, with a native backward
+            return _plain(x, weight, bias, gelu)
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return _plain(x, weight, bias, gelu)
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if not training:
         return _onednn(x, weight, bias, "gelu" if gelu else "none")
     with torch.autocast("cpu", enabled=False):
         y = OneDNNLinear.apply(x, weight, bias)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from swinx.engine.threads import THREADS_HELP
+
 SEGMENT_HELP = {
     "data": "dataset root: images/{train,val}/ with annotations/{train,val}/*.png class-index masks, as ADE20K "
     "(default: the built-in digit scenes)",
@@ -32,6 +34,7 @@ SEGMENT_HELP = {
     "lr": "peak learning rate for a global batch of 16; scaled linearly to the real global batch",
     "val_every": "score the validation split every N epochs (and at the last)",
     "workers": "data loader processes (default: none on 1-2 cores, else up to 4)",
+    "threads": THREADS_HELP,
     "out": "run directory (default runs/segment-<name>-<time>)",
     "progress": "progress bar: auto (on a terminal), on or off",
     "max_bad_images": "stop when an epoch has more unreadable images than this (default: skip them all)",

@@ -27,10 +27,10 @@ from swinx.engine.config import (
     ChildrenExcept,
     TrainError,
     check_engine_settings,
-    cpu_has_native_bf16,
     default_workers,
     param_groups,
     parse_size,
+    preset_amp,
     read_settings,
     warmup_poly,
 )
@@ -109,6 +109,7 @@ class SegmentConfig:
     name: str | None = None
     progress: str = "auto"
     max_bad_images: int | None = None
+    threads: int = 0  # CPU compute threads; 0: follow what other processes leave free (engine/threads.py)
 
     def __post_init__(self):
         if self.workers is None:
@@ -220,10 +221,9 @@ SCENES_PRESET = dict(
 
 
 def scenes_preset() -> dict:
-    """SCENES_PRESET, in bfloat16 autocast on a CPU that computes bf16 natively (validation stays
-    float32), in float32 elsewhere."""
-    on_cpu = not torch.cuda.is_available()
-    return dict(SCENES_PRESET, amp="bf16" if on_cpu and cpu_has_native_bf16() else "auto")
+    """SCENES_PRESET, with the presets' precision (`preset_amp`: bf16 autocast on a CPU with native
+    bf16, validation staying float32; float32 elsewhere)."""
+    return dict(SCENES_PRESET, amp=preset_amp())
 
 
 def resolve_config(yaml_path: str | None = None, overrides: dict | None = None) -> SegmentConfig:

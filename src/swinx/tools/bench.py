@@ -10,7 +10,6 @@ when a comparison asks for them.
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from swinx.model.swin import SwinTransformer
 from swinx.model.variants import TIMM_NAMES, create_model
 from swinx.tools.flops import macs
+from swinx.tools.host import host_info, host_slug
 from swinx.weights.checkpoint import export_state_dict
 
 TORCHVISION_NAMES = {
@@ -74,26 +74,18 @@ class Result:
     fraction_of_matmul_peak: float | None = None
 
     def row(self) -> dict:
+        """The CSV row: the fields, then the host's (CPU model, family/model, ISA level, cores)."""
         d = asdict(self)
         d["rounds_ms"] = " ".join(f"{t:.2f}" for t in self.rounds_ms)
+        d.update({f"host_{k}": v for k, v in host_info().items() if k != "threads"})
         return d
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model string."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return host_info()["cpu"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -445,15 +437,17 @@ def plot_scaling(rows: list[dict], path, title: str) -> None:
 
 
 def record(rows: list[dict], out_dir, device: torch.device) -> str:
-    """Append rows to benchmarks/results/<device>_torch<version>_<date>.csv (header when new)."""
+    """Append rows to benchmarks/results/<host>_torch<version>_<date>.csv (header when new; <host> names the
+    CPU model and family/model, or the GPU)."""
     import csv
     import io
     import re
-    from pathlib import Path
 
     from swinx.weights.checkpoint import atomic_write
 
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or device.type
+    slug = (
+        re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() if device.type == "cuda" else host_slug()
+    )
     path = Path(out_dir) / f"{slug}_torch{torch.__version__.split('+')[0]}_{time.strftime('%Y-%m-%d')}.csv"
     old = path.read_text() if path.exists() else ""
     buffer = io.StringIO()

@@ -1,0 +1,118 @@
+"""The default jobs, before and after: epoch throughput and accuracy of two source trees in one command.
+
+Each job runs as the user would start it (`swinx train`, `swinx detect train`, `swinx segment
+train`, the built-in data and presets), once from a checkout of `--before` (a git revision,
+checked out into a temporary worktree) and once from this tree, one after the other. Reported:
+training images per second (median over the epochs), the last epoch's validation score, and
+the ratio after / before; rows go to benchmarks/results/default_jobs.csv.
+
+    python benchmarks/ab_default_jobs.py --before 8329981 [--jobs classify detect segment] [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from swinx.tools.host import host_line, host_slug
+from swinx.weights.checkpoint import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "default_jobs.csv"
+JOBS = {  # command, validation score key
+    "classify": (["train"], "val_acc1"),
+    "detect": (["detect", "train"], "bbox_mAP"),
+    "segment": (["segment", "train"], "mIoU"),
+}
+
+
+def run_job(src: Path, job: str, out: Path, epochs: int | None) -> list[dict]:
+    command, _ = JOBS[job]
+    cmd = [sys.executable, "-m", "swinx", *command, "--out", str(out), "--progress", "off"]
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
+    env = dict(os.environ, PYTHONPATH=str(src))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
+    if done.returncode != 0:
+        raise SystemExit(f"{job} from {src} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def score(rows: list[dict], key: str):
+    for row in reversed(rows):
+        for k, v in row.items():
+            if v is not None and (k == key or k.endswith(key)) and not k.startswith("ema_"):
+                return v
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="git revision of the 'before' tree")
+    parser.add_argument("--jobs", nargs="+", choices=sorted(JOBS), default=["classify"])
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: the preset's)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    print(host_line())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        before = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()  # fmt: skip
+            for job in args.jobs:
+                for label, src in (("before", before / "src"), ("after", ROOT / "src")):
+                    started = time.perf_counter()
+                    metrics = run_job(src, job, Path(tmp) / f"{job}-{label}", args.epochs)
+                    speed = statistics.median(m["images_per_second"] for m in metrics)
+                    rows.append(
+                        {
+                            "job": job,
+                            "tree": label,
+                            "revision": args.before if label == "before" else f"{commit}+working tree",
+                            "epochs": len(metrics),
+                            "images_per_second": round(speed, 1),
+                            "epoch_seconds": round(statistics.median(m["epoch_seconds"] for m in metrics), 2),
+                            "score": score(metrics, JOBS[job][1]),
+                            "score_key": JOBS[job][1],
+                            "wall_seconds": round(time.perf_counter() - started, 1),
+                        }
+                    )
+                    print(f"  {job:8s} {label:6s} {rows[-1]}", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    for job in args.jobs:
+        b, a = (r for r in rows if r["job"] == job)
+        a["speedup"] = round(a["images_per_second"] / b["images_per_second"], 2)
+        print(
+            f"{job}: {b['images_per_second']} -> {a['images_per_second']} img/s ({a['speedup']:.2f}x), "
+            f"{b['score_key']} {b['score']} -> {a['score']}"
+        )
+    for row in rows:
+        row.update(date=stamp, host=host_line(), host_slug=host_slug())
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    old = args.out.read_text() if args.out.exists() else ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda t: Path(t).write_text(old + buffer.getvalue()))
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
