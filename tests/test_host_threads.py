@@ -145,3 +145,42 @@ def test_cpu_ticks_count_this_process():
 def test_negative_threads_is_refused():
     with pytest.raises(ValueError, match="threads must be 0"):
         ThreadGovernor(fixed=-1)
+
+
+def test_a_training_run_steps_down_while_the_machine_is_busy_and_restores_the_threads(tmp_path, monkeypatch):
+    """The engine polls the governor between steps: with every core but one busy elsewhere (faked
+    through /proc's counters), the run trains on one thread; afterwards torch's count is back."""
+    import json
+    import os
+    import time
+
+    from test_train_cli import TINY, make_tree
+
+    from swinx.cli import main
+    from swinx.engine import threads
+
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: nothing to step down from")
+    started = time.monotonic()
+
+    def busy_elsewhere():
+        busy, own = cpu_ticks()
+        return own + int(os.sysconf("SC_CLK_TCK") * (time.monotonic() - started) * (cores - 1)), own
+
+    monkeypatch.setattr(threads, "cpu_ticks", busy_elsewhere)
+    monkeypatch.setattr(threads, "SAMPLE_SECONDS", 0.01)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = make_tree(tmp_path / "data", 6, 2)
+        assert main(["train", "--data", str(data), *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+        row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["threads"] == 1
+        assert torch.get_num_threads() == 2  # restored
+        # --threads N: fixed, whatever the load
+        argv = ["train", "--data", str(data), *TINY, "--epochs", "1", "--threads", "2", "--out", str(tmp_path / "r2")]
+        assert main(argv) == 0
+        assert json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])["threads"] == 2
+    finally:
+        torch.set_num_threads(before)

@@ -71,3 +71,80 @@ def test_progress_bar_shows_loss_lr_and_throughput(data, tmp_path, capsys, monke
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "loss=" in err and "lr=" in err and "img_s=" in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The MNIST preset's batch-wise crop and the presets' precision
+
+
+def test_batch_resized_crop_boxes_follow_random_resized_crop():
+    from swinx.classification.data import BatchResizedCrop
+
+    torch.manual_seed(0)
+    crop = BatchResizedCrop(28, (0.0,), (1.0,), scale=(0.7, 1.0))
+    top, left, h, w = crop.boxes(4000, 28, 28).unbind(1)
+    area = h * w / (28 * 28)
+    assert (h >= 1).all() and (w >= 1).all() and (h <= 28).all() and (w <= 28).all()
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 28).all()
+    assert area.min() >= 0.6 and area.max() <= 1.0  # 0.7-1.0 of the area, up to rounding of the sides
+    aspect = w / h
+    assert aspect.min() >= 0.7 and aspect.max() <= 1.4 and aspect.std() > 0.05
+    assert top.float().std() > 0.5 and left.float().std() > 0.5  # placed at random, not centred
+    # a box that can never fit (areas above the image): the centre crop of the whole image
+    never = BatchResizedCrop(28, (0.0,), (1.0,), scale=(1.5, 2.0)).boxes(5, 28, 28)
+    assert never.tolist() == [[0.0, 0.0, 28.0, 28.0]] * 5
+
+
+def test_batch_resized_crop_matches_the_per_image_transform():
+    from torchvision.transforms import InterpolationMode, v2
+
+    from swinx.classification.data import MNIST_MEAN, MNIST_STD, BatchResizedCrop
+
+    torch.manual_seed(0)
+    images = (torch.rand(16, 1, 28, 28) * 255).round().to(torch.uint8)
+    # the whole image: the identity, exactly (bicubic weights at the pixel centres are 0, 1, 0, 0)
+    whole = BatchResizedCrop(28, MNIST_MEAN, MNIST_STD, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    expected = (images.float() / 255 - MNIST_MEAN[0]) / MNIST_STD[0]
+    torch.testing.assert_close(whole(images), expected, rtol=0, atol=1e-5)
+    # random boxes: close to torchvision's resized_crop of the same boxes (PIL's bicubic, a = -0.5)
+    crop = BatchResizedCrop(28, (0.0,), (1.0,), scale=(0.7, 1.0))
+    torch.manual_seed(1)
+    boxes = crop.boxes(16, 28, 28).long().tolist()
+    torch.manual_seed(1)
+    ours = crop(images)
+    theirs = torch.stack(
+        [
+            v2.functional.resized_crop(
+                image.float() / 255, *box, [28, 28], InterpolationMode.BICUBIC, antialias=True
+            ).clamp(0, 1)
+            for image, box in zip(images, boxes)
+        ]
+    )
+    difference = (ours - theirs).abs()
+    assert ours.shape == (16, 1, 28, 28) and ours.min() >= 0 and ours.max() <= 1
+    assert difference.mean() < 0.02 and difference.max() < 0.35
+
+
+def test_mnist_preset_crops_whole_batches_and_trains_in_the_presets_precision(monkeypatch):
+    from swinx.classification import recipe
+    from swinx.classification.data import BatchResizedCrop
+    from swinx.classification.train import build_data
+    from swinx.engine import config
+
+    data = build_data(recipe.resolve_config())
+    assert isinstance(data.batch_transform, BatchResizedCrop) and data.train.transform is None
+    assert data.val.transform is not None  # validation keeps the per-image resize
+    image, label = data.train[0]
+    assert image.dtype == torch.uint8 and image.shape == (1, 28, 28)
+    batch = data.batch_transform(torch.stack([image, image]))
+    assert batch.dtype == torch.float32 and batch.shape == (2, 1, 28, 28)
+    # any other augmentation: per-image transforms as before
+    other = build_data(recipe.resolve_config(overrides={"hflip": 0.5}))
+    assert other.batch_transform is None and other.train.transform is not None
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
+    assert config.preset_amp() == "bf16" and recipe.resolve_config().amp == "bf16"
+    assert recipe.resolve_config(overrides={"amp": "off"}).amp == "off"  # a flag still wins
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
+    assert config.preset_amp() == "auto" and recipe.resolve_config().amp == "auto"

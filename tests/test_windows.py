@@ -127,3 +127,30 @@ def test_resize_bias_table():
     assert table_window(23 * 23) == 12
     with pytest.raises(ValueError):
         table_window(100)
+
+
+@pytest.mark.parametrize("policy", ["clamp", "pad", "pad_shift"])
+@pytest.mark.parametrize("size", [(14, 14), (21, 14), (10, 23), (7, 7), (5, 9), (56, 56)])
+def test_window_order_is_the_roll_and_partition_as_one_permutation(policy, size):
+    from swinx.model.windows import (
+        cyclic_shift,
+        pad_map,
+        window_geometry,
+        window_order,
+        window_partition,
+        window_reverse,
+    )
+
+    torch.manual_seed(0)
+    x = torch.randn(2, *size, 5)
+    geometry = window_geometry(*size, 7, 3, policy)
+    padded = pad_map(x, geometry.pad)
+    Hp, Wp = padded.shape[1:3]
+    gather, scatter = window_order(Hp, Wp, geometry)
+    expected = window_partition(cyclic_shift(padded, geometry.shift), geometry.window)
+    N = geometry.window[0] * geometry.window[1]
+    windows = padded.reshape(2, -1, 5).index_select(1, gather).view(2, -1, N, 5)
+    assert torch.equal(windows, expected)
+    back = windows.reshape(2, -1, 5).index_select(1, scatter).view(2, Hp, Wp, 5)
+    assert torch.equal(back, padded)
+    assert torch.equal(back, cyclic_shift(window_reverse(expected, geometry.window, Hp, Wp), geometry.shift, True))

@@ -53,18 +53,20 @@ class ThreadGovernor:
     def __init__(
         self,
         fixed: int = 0,
-        sample_seconds: float = SAMPLE_SECONDS,
-        ticks: Callable[[], tuple[int, int] | None] = cpu_ticks,
+        sample_seconds: float | None = None,  # default SAMPLE_SECONDS
+        ticks: Callable[[], tuple[int, int] | None] | None = None,  # default cpu_ticks
         clock: Callable[[], float] = time.monotonic,
         machine_cores: int | None = None,
     ):
         if fixed < 0:
             raise ValueError(f"threads must be 0 (follow the machine's load) or a positive count, got {fixed}")
+        self.initial = torch.get_num_threads()
         if fixed:
             torch.set_num_threads(fixed)
         self.most = torch.get_num_threads()
         self.adaptive = fixed == 0 and self.most > 1
-        self.sample_seconds, self.ticks, self.clock = sample_seconds, ticks, clock
+        self.sample_seconds = SAMPLE_SECONDS if sample_seconds is None else sample_seconds
+        self.ticks, self.clock = ticks or cpu_ticks, clock
         self.machine_cores = machine_cores or os.cpu_count() or 1
         self.hertz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.changes: list[tuple[float, int]] = []  # (other cores seen, new thread count)
@@ -98,5 +100,5 @@ class ThreadGovernor:
         return want
 
     def restore(self) -> None:
-        """Back to the thread count it started with."""
-        torch.set_num_threads(self.most)
+        """Back to the thread count torch had before the governor started."""
+        torch.set_num_threads(self.initial)

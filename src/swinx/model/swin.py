@@ -18,12 +18,19 @@ from swinx.model.config import SwinConfig
 from swinx.model.windows import (
     cyclic_shift,
     pad_map,
+    permute_tokens,
     round_up,
     window_geometry,
     window_index,
+    window_order,
     window_partition,
     window_reverse,
 )
+
+
+def fast_copies_allowed() -> bool:
+    """Cached index tensors are for eager runs; compiled, traced and exported graphs build their own."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting())
 
 
 class PatchEmbed(nn.Module):
@@ -133,14 +140,22 @@ class SwinBlock(nn.Module):
         """
         if torch.compiler.is_exporting() and not return_attn:
             return self.indexed_window_attention(x, post_norm)
-        H, W = x.shape[1:3]
+        B, H, W, C = x.shape
         geometry = window_geometry(H, W, self.window_size, self.shift_size, self.small_map)
         padded = (H + geometry.pad[0], W + geometry.pad[1])
-        x = cyclic_shift(pad_map(x, geometry.pad), geometry.shift)
-        windows = window_partition(x, geometry.window)  # (B, nW, N, C)
+        x = pad_map(x, geometry.pad)
+        order = self._window_order(geometry, padded, x.device)
+        if order is not None:  # eager with a shift: roll and partition as one gather
+            N = geometry.window[0] * geometry.window[1]
+            windows = permute_tokens(x.reshape(B, -1, C), *order).view(B, -1, N, C)
+        else:
+            windows = window_partition(cyclic_shift(x, geometry.shift), geometry.window)  # (B, nW, N, C)
         out = self.attn(windows, geometry, padded, return_attn)
         windows, attn = out if return_attn else (out, None)
-        x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
+        if order is not None:  # window reverse and roll back as one gather
+            x = permute_tokens(windows.reshape(B, -1, C), order[1], order[0]).view(B, *padded, C)
+        else:
+            x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
         if post_norm is not None:  # V2's norm is per token: applied before the crop, on a contiguous map
             x = post_norm(x)
         if torch.compiler.is_compiling():
@@ -150,6 +165,14 @@ class SwinBlock(nn.Module):
         elif padded != (H, W):
             x = x[:, :H, :W]
         return (x, attn) if return_attn else x
+
+    def _window_order(self, geometry, padded, device):
+        """The cached `window_order` permutations of a shifted block in eager mode, else None (no shift:
+        the partition is one copy already; compiled or traced: the graph fuses the copies itself)."""
+        if not geometry.has_shift or not fast_copies_allowed():
+            return None
+        key = ("order", padded, geometry, device)
+        return self.attn._cached(key, lambda: window_order(*padded, geometry, device))
 
     def indexed_window_attention(self, x: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
         """`window_attention` as gathers by `WindowIndex`: the same numbers, one graph for every size.

@@ -129,6 +129,43 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, int], height: int, 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, height, width, C)
 
 
+def window_order(height: int, width: int, geometry: WindowGeometry, device: torch.device | None = None):
+    """(gather, scatter): roll by -shift and window partition of a padded (height, width) map as one
+    permutation of its tokens, and the inverse (window reverse and roll back).
+
+    `map.reshape(B, H * W, C).index_select(1, gather)` lists the tokens window by window, as
+    `window_partition(cyclic_shift(map, shift), window)` does; `index_select(1, scatter)` on the
+    windows' tokens puts them back. One copy each way instead of the roll's two (one per axis) and
+    the partition's one.
+    """
+    positions = torch.arange(height * width, device=device).view(1, height, width, 1)
+    gather = window_partition(cyclic_shift(positions, geometry.shift), geometry.window).reshape(-1)
+    scatter = torch.empty_like(gather)
+    scatter[gather] = torch.arange(gather.numel(), device=device)
+    return gather, scatter
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """x.index_select(1, order) whose gradient is the inverse gather (index_select's own is a slower index_add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> (B, L, C) with token i taken from order[i]; `inverse` is order's inverse permutation."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteTokens.apply(x, order, inverse)
+    return x.index_select(1, order)
+
+
 def region_labels(
     height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
 ) -> torch.Tensor:
