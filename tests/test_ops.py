@@ -7,6 +7,7 @@ and for not breaking autograd, inference_mode or the caches in between.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -352,3 +353,33 @@ def test_shift_mask_separates_regions_that_the_roll_brings_together(fused):
     unmasked = shifted_block(1)
     unmasked.attn.shift_mask = lambda geometry, padded: None
     assert response(unmasked)[12, 0] > 1e-3  # the check above can fail
+
+
+@pytest.mark.parametrize("fused_wins", [True, False, None])
+def test_bfloat16_inference_picks_the_faster_attention_per_shape_and_both_agree(fused_wins, monkeypatch):
+    """CPU bfloat16 inference times the fused kernel against plain matmuls once per shape (None: really
+    timed here) and keeps the winner; either way the output is the plain path's, to bfloat16 precision."""
+    from swinx.model import attention
+
+    monkeypatch.setattr(attention, "_BF16_FUSED", {})
+    torch.manual_seed(0)
+    model = swinx.create_model("swin_t", embed_dim=32, depths=(2, 2), num_heads=(1, 2), img_size=56).eval()
+    x = torch.randn(2, 3, 56, 56)
+    if fused_wins is not None:  # _seconds times the fused kernel first, then the matmuls
+        times = itertools.cycle((0.0, 1.0) if fused_wins else (1.0, 0.0))
+        monkeypatch.setattr(attention, "_seconds", lambda fn: next(times))
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        out = model(x).float()
+        choices = dict(attention._BF16_FUSED)
+        again = model(x).float()
+    assert len(choices) >= 2 and attention._BF16_FUSED == choices  # one entry per shape, none added the 2nd time
+    if fused_wins is not None:
+        assert set(choices.values()) == {fused_wins}
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    model.set_fused_attn(False)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        plain = model(x).float()
+    torch.testing.assert_close(out, plain, rtol=0.05, atol=0.05)
+    with torch.inference_mode():
+        exact = model(x)
+    assert (out - exact).abs().max() < 0.1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from swinx.model.position import log_spaced_coords, relative_position_index
 from swinx.model.windows import MASK_FILL, WindowGeometry, WindowIndex, shift_mask
 
 _MAX_CACHE_ENTRIES = 32
+_BF16_FUSED: dict[tuple, bool] = {}  # (q shape, bias shape, dtype) -> the fused kernel was faster (CPU bfloat16)
 _MAX_LOGIT_SCALE = math.log(100.0)  # V2 caps the learned temperature at 100
 
 
@@ -20,6 +22,34 @@ def _caching_allowed() -> bool:
     # Compiled and traced graphs fold these tensors in as constants themselves; a Python
     # dict lookup there would only cost a graph break.
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _fused_attention(q, k, v, bias, scale: float, drop: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v through PyTorch's fused kernel; q, k, v (B, nW, heads, N, D),
+    bias (1 or nW, heads, N, N)."""
+    B, nW, heads, N, D = q.shape
+    # The mask must be 4-D: PyTorch's fused CPU kernel takes a 4-D mask only and silently
+    # falls back to the unfused math (3-4x slower) for a 3-D one.
+    # Exported, the bias has a row per window (`indexed_bias`); asking would guard on the size.
+    if not torch.compiler.is_exporting() and bias.shape[0] == 1:  # one bias for all windows: windows into the batch
+        shape, mask = (B * nW, heads, N, D), bias  # mask (1, heads, N, N)
+    else:  # a bias per window: fold windows into the heads
+        shape, mask = (B, nW * heads, N, D), bias.reshape(1, nW * heads, N, N)
+    out = F.scaled_dot_product_attention(
+        q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask, dropout_p=drop, scale=scale
+    )
+    return out.view(B, nW, heads, N, D)
+
+
+def _seconds(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` calls, after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 class WindowAttention(nn.Module):
@@ -181,27 +211,31 @@ class WindowAttention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
 
         attn = None
-        # In bfloat16 on the CPU the fused kernel loses to plain batched matmuls (AMX-friendly shapes).
-        if self.fused and not return_attn and not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
-            # The mask must be 4-D: PyTorch's fused CPU kernel takes a 4-D mask only and silently
-            # falls back to the unfused math (3-4x slower) for a 3-D one.
-            # Exported, the bias has a row per window (`indexed_bias`); asking would guard on the size.
-            if (
-                not torch.compiler.is_exporting() and bias.shape[0] == 1
-            ):  # one bias for all windows: fold windows into the batch
-                shape, mask = (B * nW, heads, N, D), bias  # mask (1, heads, N, N)
-            else:  # a bias per window: fold windows into the heads
-                shape, mask = (B, nW * heads, N, D), bias.reshape(1, nW * heads, N, N)
-            out = F.scaled_dot_product_attention(
-                q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask, dropout_p=drop, scale=scale
-            )
-            out = out.view(B, nW, heads, N, D)
+        if self.fused and not return_attn and self._fused_pays(q, k, v, bias, scale):
+            out = _fused_attention(q, k, v, bias, scale, drop)
         else:
             attn = torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1)  # (B, nW, heads, N, N)
             out = F.dropout(attn, drop, self.training) @ v
         out = out.transpose(2, 3).reshape(B, nW, N, C)
         out = self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
         return (out, attn) if return_attn else out
+
+    def _fused_pays(self, q, k, v, bias, scale) -> bool:
+        """Whether the fused kernel is the faster path here. In float32 it always is. In bfloat16 on
+        the CPU it depends on the host (plain batched matmuls win on AVX512-BF16, the fused kernel
+        on AMX), so inference times both once per shape and remembers; training keeps the
+        matmuls (the fused kernel has no backward for a bias that needs a gradient)."""
+        if not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+            return True
+        if torch.is_grad_enabled() or not _caching_allowed():
+            return False
+        key = (tuple(q.shape), tuple(bias.shape), q.dtype)
+        choice = _BF16_FUSED.get(key)
+        if choice is None:
+            fused = _seconds(lambda: _fused_attention(q, k, v, bias, scale, 0.0))
+            plain = _seconds(lambda: torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1) @ v)
+            choice = _BF16_FUSED[key] = fused < plain
+        return choice
 
     def extra_repr(self) -> str:
         return (
