@@ -12,8 +12,6 @@ the ratio after / before; rows go to benchmarks/results/default_jobs.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import statistics
@@ -23,14 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from swinx.tools.bench import append_csv
 from swinx.tools.host import host_line, host_slug
-from swinx.weights.checkpoint import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "default_jobs.csv"
 JOBS = {  # command, validation score key
     "classify": (["train"], "val_acc1"),
-    "detect": (["detect", "train"], "bbox_mAP"),
+    "detect": (["detect", "train"], "val_AP"),
     "segment": (["segment", "train"], "mIoU"),
 }
 
@@ -69,8 +67,12 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True,
                        capture_output=True)  # fmt: skip
         try:
-            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()  # fmt: skip
+            git = ["git", "-C", str(ROOT)]
+            commit = subprocess.run(
+                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            if subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip():
+                commit += "+uncommitted changes"
             for job in args.jobs:
                 for label, src in (("before", before / "src"), ("after", ROOT / "src")):
                     started = time.perf_counter()
@@ -80,7 +82,7 @@ def main() -> None:
                         {
                             "job": job,
                             "tree": label,
-                            "revision": args.before if label == "before" else f"{commit}+working tree",
+                            "revision": args.before if label == "before" else commit,
                             "epochs": len(metrics),
                             "images_per_second": round(speed, 1),
                             "epoch_seconds": round(statistics.median(m["epoch_seconds"] for m in metrics), 2),
@@ -102,15 +104,7 @@ def main() -> None:
         )
     for row in rows:
         row.update(date=stamp, host=host_line(), host_slug=host_slug())
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    old = args.out.read_text() if args.out.exists() else ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    if not old:
-        writer.writeheader()
-    writer.writerows(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda t: Path(t).write_text(old + buffer.getvalue()))
+    append_csv(args.out, rows)
     print(f"appended to {args.out}")
 
 

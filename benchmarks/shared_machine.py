@@ -14,8 +14,6 @@ each run's slowdown against the quiet one; rows go to benchmarks/results/shared_
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import statistics
@@ -25,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from swinx.tools.bench import append_csv
 from swinx.tools.host import host_info, host_line, host_slug
-from swinx.weights.checkpoint import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_machine.csv"
 COMPETITORS = {
@@ -83,14 +81,7 @@ def main() -> None:
             f"  {row['run']:11s} {row['epoch_seconds']:6.2f} s/epoch ({row['epochs_seconds']})  "
             f"x{row['slowdown']:.2f} of quiet  threads at the end {row['threads_at_end']}"
         )
-    old = args.out.read_text() if args.out.exists() else ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    if not old:
-        writer.writeheader()
-    writer.writerows(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(old + buffer.getvalue()))
+    append_csv(args.out, rows)
     print(f"appended to {args.out}")
 
 

@@ -439,24 +439,32 @@ def plot_scaling(rows: list[dict], path, title: str) -> None:
 def record(rows: list[dict], out_dir, device: torch.device) -> str:
     """Append rows to benchmarks/results/<host>_torch<version>_<date>.csv (header when new; <host> names the
     CPU model and family/model, or the GPU)."""
-    import csv
-    import io
     import re
-
-    from swinx.weights.checkpoint import atomic_write
 
     slug = (
         re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() if device.type == "cuda" else host_slug()
     )
     path = Path(out_dir) / f"{slug}_torch{torch.__version__.split('+')[0]}_{time.strftime('%Y-%m-%d')}.csv"
+    append_csv(path, rows)
+    return str(path)
+
+
+def append_csv(path, rows: list[dict]) -> None:
+    """Append rows to a CSV file, atomically; the header (the rows' keys) when the file is new."""
+    import csv
+    import io
+
+    from swinx.weights.checkpoint import atomic_write
+
+    path = Path(path)
     old = path.read_text() if path.exists() else ""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     if not old:
         writer.writeheader()
     writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(old + buffer.getvalue()))
-    return str(path)
 
 
 if __name__ == "__main__":  # python -m swinx.tools.bench SPEC_JSON IMPL: the peak-RSS probe
