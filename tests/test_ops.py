@@ -21,6 +21,15 @@ from swinx.model.swin import SwinBlock
 pytestmark = pytest.mark.usefixtures("one_thread")  # two threads on two shared cores: see helpers
 
 SHAPES = [(5, 24), (3, 7, 24), (2, 4, 49, 24)]  # 2-D, 3-D, 4-D inputs (the last: windows)
+
+
+@pytest.fixture(autouse=True)
+def onednn_in_training(monkeypatch):
+    """Training takes OneDNNLinear only where oneDNN is timed faster than BLAS on this host; these
+    tests check that path, so it is taken whatever this host's timing would say."""
+    monkeypatch.setattr(ops, "_onednn_trains_faster", lambda x, weight: True)
+
+
 MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
@@ -365,9 +374,9 @@ def test_bfloat16_inference_picks_the_faster_attention_per_shape_and_both_agree(
     torch.manual_seed(0)
     model = swinx.create_model("swin_t", embed_dim=32, depths=(2, 2), num_heads=(1, 2), img_size=56).eval()
     x = torch.randn(2, 3, 56, 56)
-    if fused_wins is not None:  # _seconds times the fused kernel first, then the matmuls
+    if fused_wins is not None:  # best_seconds times the fused kernel first, then the matmuls
         times = itertools.cycle((0.0, 1.0) if fused_wins else (1.0, 0.0))
-        monkeypatch.setattr(attention, "_seconds", lambda fn: next(times))
+        monkeypatch.setattr(ops, "best_seconds", lambda fn: next(times))
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         out = model(x).float()
         choices = dict(attention._BF16_FUSED)
@@ -383,3 +392,22 @@ def test_bfloat16_inference_picks_the_faster_attention_per_shape_and_both_agree(
     with torch.inference_mode():
         exact = model(x)
     assert (out - exact).abs().max() < 0.1
+
+
+def test_training_takes_onednn_only_where_it_is_timed_faster(monkeypatch):
+    monkeypatch.undo()  # the real chooser, not the autouse fixture's
+    monkeypatch.setattr(ops, "_TRAIN_CHOICE", {})
+    x, weight, b = operands((2, 9, 24), requires_grad=True)
+    for onednn_wins in (True, False):
+        ops._TRAIN_CHOICE.clear()
+        times = itertools.cycle((0.5, 1.0) if onednn_wins else (1.0, 0.5))  # oneDNN is timed first
+        monkeypatch.setattr(ops, "best_seconds", lambda fn: next(times))
+        y = ops.linear(x, weight, b)
+        assert ops._TRAIN_CHOICE == {(18, 24, 40, torch.float32): onednn_wins}
+        assert ("OneDNNLinear" in str(y.grad_fn)) == onednn_wins
+        torch.testing.assert_close(y, reference(x, weight, b, False), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(ops, "best_seconds", lambda fn: pytest.fail("timed twice"))
+    ops.linear(x, weight, b)  # the choice is remembered
+    ops._TRAIN_CHOICE.clear()
+    monkeypatch.undo()
+    assert ops.best_seconds(lambda: sum(range(1000))) > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +38,6 @@ def _fused_attention(q, k, v, bias, scale: float, drop: float) -> torch.Tensor:
         q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask, dropout_p=drop, scale=scale
     )
     return out.view(B, nW, heads, N, D)
-
-
-def _seconds(fn, repeats: int = 3) -> float:
-    """The fastest of `repeats` calls, after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 class WindowAttention(nn.Module):
@@ -232,8 +220,8 @@ class WindowAttention(nn.Module):
         key = (tuple(q.shape), tuple(bias.shape), q.dtype)
         choice = _BF16_FUSED.get(key)
         if choice is None:
-            fused = _seconds(lambda: _fused_attention(q, k, v, bias, scale, 0.0))
-            plain = _seconds(lambda: torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1) @ v)
+            fused = ops.best_seconds(lambda: _fused_attention(q, k, v, bias, scale, 0.0))
+            plain = ops.best_seconds(lambda: torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1) @ v)
             choice = _BF16_FUSED[key] = fused < plain
         return choice
 

@@ -4,7 +4,9 @@ On x86 CPUs PyTorch ships oneDNN, whose linear kernel runs Swin's matrix shapes 
 as fast as the default `addmm` (BLAS) and can apply GELU in the same pass. PyTorch gives it
 no backward, so training goes through `OneDNNLinear`, an autograd function whose forward and
 input gradient use oneDNN and whose weight gradient uses BLAS (faster for the tall, thin
-products of the weight gradient). Training under bfloat16 autocast keeps F.linear, which autocast
+products of the weight gradient), for each shape where oneDNN is timed faster than BLAS on
+this host (`_onednn_trains_faster`; on an AVX-512 host where MKL is as fast, F.linear trains
+faster). Training under bfloat16 autocast keeps F.linear, which autocast
 already sends to oneDNN's bf16 matmul with its native backward. Everything is skipped under
 torch.compile and tracing, where the compiler picks kernels itself.
 """
@@ -12,6 +14,7 @@ torch.compile and tracing, where the compiler picks kernels itself.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +93,42 @@ def linear(
         bias = bias.to(dtype) if bias is not None else None
     elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return _plain(x, weight, bias, gelu)
+    elif training and not _onednn_trains_faster(x, weight):
+        return _plain(x, weight, bias, gelu)
     if not training:
         return _onednn(x, weight, bias, "gelu" if gelu else "none")
     with torch.autocast("cpu", enabled=False):
         y = OneDNNLinear.apply(x, weight, bias)
     return F.gelu(y) if gelu else y
+
+
+_TRAIN_CHOICE: dict[tuple, bool] = {}  # (rows, in, out, dtype) -> oneDNN was faster than BLAS
+
+
+def _onednn_trains_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN beats BLAS for this product, timed once per shape. On some hosts oneDNN runs
+    Swin's float32 shapes twice as fast as BLAS; on others (AVX-512 hosts where MKL is as good) it
+    is slower, and training through `OneDNNLinear` then loses to plain F.linear."""
+    key = (x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], x.dtype)
+    choice = _TRAIN_CHOICE.get(key)
+    if choice is None:
+        with torch.no_grad():
+            rows, w = x.detach().reshape(-1, x.shape[-1]), weight.detach()
+            onednn = best_seconds(lambda: _onednn(rows, w, None))
+            blas = best_seconds(lambda: F.linear(rows, w))
+        choice = _TRAIN_CHOICE[key] = onednn < 0.95 * blas
+    return choice
+
+
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` calls of `fn`, after one warm-up (for choosing between kernels)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _plain(x, weight, bias, gelu):
