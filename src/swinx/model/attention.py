@@ -209,10 +209,13 @@ class WindowAttention(nn.Module):
         return (out, attn) if return_attn else out
 
     def _fused_pays(self, q, k, v, bias, scale) -> bool:
-        """Whether the fused kernel is the faster path here. In float32 it always is. In bfloat16 on
-        the CPU it depends on the host (plain batched matmuls win on AVX512-BF16, the fused kernel
-        on AMX), so inference times both once per shape and remembers; training keeps the
-        matmuls (the fused kernel has no backward for a bias that needs a gradient)."""
+        """Whether the fused kernel is the faster path here. CPU training with a bias that needs a
+        gradient: never (PyTorch has no fused CPU kernel for it and falls back to the same math
+        plus extra masking passes). Float32 inference: always. Bfloat16 inference on the CPU: it
+        depends on the host (plain batched matmuls win on AVX512-BF16, the fused kernel on AMX),
+        so both are timed once per shape and the winner remembered."""
+        if q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
+            return False
         if not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             return True
         if torch.is_grad_enabled() or not _caching_allowed():
