@@ -29,7 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "default_jobs.csv"
 JOBS = {  # command, validation score key
     "classify": (["train"], "val_acc1"),
     "detect": (["detect", "train"], "val_AP"),
-    "segment": (["segment", "train"], "mIoU"),
+    "segment": (["segment", "train"], "val_mIoU"),
 }
 
 
@@ -46,11 +46,8 @@ def run_job(src: Path, job: str, out: Path, epochs: int | None) -> list[dict]:
 
 
 def score(rows: list[dict], key: str):
-    for row in reversed(rows):
-        for k, v in row.items():
-            if v is not None and (k == key or k.endswith(key)) and not k.startswith("ema_"):
-                return v
-    return None
+    """The last validation score in the run (dense jobs score every few epochs only)."""
+    return next((row[key] for row in reversed(rows) if row.get(key) is not None), None)
 
 
 def main() -> None:

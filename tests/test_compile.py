@@ -58,7 +58,7 @@ def test_compile_swin_t_matches_eager():
 
 def test_compile_swin_t_has_no_graph_breaks():
     """The whole inference forward is one graph: attention.py keeps its bias cache out of compiled code
-    (`_caching_allowed`) precisely so that it costs no graph break."""
+    (`caching_allowed`) precisely so that it costs no graph break."""
     model = swin_t()
     x = images(2, 3, 224, 224)
     with torch.no_grad():

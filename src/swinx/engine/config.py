@@ -86,8 +86,9 @@ def cpu_has_native_bf16() -> bool:
 
 def preset_amp() -> str:
     """The built-in presets' precision: bfloat16 autocast on a CPU that computes bf16 natively
-    (AMX or AVX512-BF16: 1.5-1.8x faster per step for these small models), else "auto"
-    (bf16 on a GPU that supports it, float32 elsewhere)."""
+    (AMX or AVX512-BF16), else "auto" (bf16 on a GPU that supports it, float32 elsewhere).
+    Measured per training step: the MNIST preset 1.64x faster on an Intel Xeon with AMX (118 ->
+    72 ms), the detection scenes preset 1.2-1.5x on an AMD EPYC with AVX512-BF16."""
     on_cpu = not torch.cuda.is_available()
     return "bf16" if on_cpu and cpu_has_native_bf16() else "auto"
 

@@ -4,7 +4,8 @@ PyTorch's CPU kernels run on an OpenMP team whose threads spin while they wait f
 On a quiet machine that is the fastest choice; with one other busy process, the thread that
 shares a core with it is descheduled for whole time slices while its partner spins at the
 barrier, and every one of a step's hundreds of small kernels waits for that slice: a small
-model then runs 4-14x slower instead of the 2x its share of the machine would give.
+model then ran 6-14x slower per epoch (an AMD EPYC and an Intel Xeon host, 2 cores each) instead
+of the 2x its share of the machine would give.
 
 `ThreadGovernor` samples, about once a second, how many cores the rest of the machine used
 (Linux's /proc/stat minus this process's own time) and sets torch's thread count to the cores
@@ -70,13 +71,8 @@ class ThreadGovernor:
         self.machine_cores = machine_cores or os.cpu_count() or 1
         self.hertz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.changes: list[tuple[float, int]] = []  # (other cores seen, new thread count)
-        self._last = None
-        self._start()
-
-    def _start(self) -> None:
         sample = self.ticks() if self.adaptive else None
-        if sample is None:
-            self.adaptive = False
+        self.adaptive = sample is not None  # no /proc: nothing to follow
         self._last = (self.clock(), sample)
 
     def poll(self) -> int:

@@ -17,10 +17,11 @@ _BF16_FUSED: dict[tuple, bool] = {}  # (q shape, bias shape, dtype) -> the fused
 _MAX_LOGIT_SCALE = math.log(100.0)  # V2 caps the learned temperature at 100
 
 
-def _caching_allowed() -> bool:
-    # Compiled and traced graphs fold these tensors in as constants themselves; a Python
-    # dict lookup there would only cost a graph break.
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+def caching_allowed() -> bool:
+    """Cached derived tensors (bias, index, permutations) are for eager runs. Compiled, traced and
+    exported graphs fold these tensors in as constants themselves; a Python dict lookup there
+    would only cost a graph break."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting())
 
 
 def _fused_attention(q, k, v, bias, scale: float, drop: float) -> torch.Tensor:
@@ -89,7 +90,7 @@ class WindowAttention(nn.Module):
     def _cached(self, key: tuple, build, constant: bool = True):
         """`build()` once per key. A `constant` (index, coordinates, mask) is built as a normal
         tensor even under inference_mode, so that a later training step may use it."""
-        if not _caching_allowed():
+        if not caching_allowed():
             return build()
         value = self._cache.get(key)
         if value is None:
@@ -137,7 +138,7 @@ class WindowAttention(nn.Module):
                 bias = bias + mask[:, None]
             return bias.to(dtype)
 
-        if not _caching_allowed():
+        if not caching_allowed():
             return build()  # compiled, traced or exported: the graph computes the bias itself
         params = self._bias_parameters()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -218,7 +219,7 @@ class WindowAttention(nn.Module):
             return False
         if not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             return True
-        if torch.is_grad_enabled() or not _caching_allowed():
+        if torch.is_grad_enabled() or not caching_allowed():
             return False
         key = (tuple(q.shape), tuple(bias.shape), q.dtype)
         choice = _BF16_FUSED.get(key)

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from swinx.model import ops
-from swinx.model.attention import WindowAttention
+from swinx.model.attention import WindowAttention, caching_allowed
 from swinx.model.config import SwinConfig
 from swinx.model.windows import (
     cyclic_shift,
@@ -26,11 +26,6 @@ from swinx.model.windows import (
     window_partition,
     window_reverse,
 )
-
-
-def fast_copies_allowed() -> bool:
-    """Cached index tensors are for eager runs; compiled, traced and exported graphs build their own."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting())
 
 
 class PatchEmbed(nn.Module):
@@ -169,7 +164,7 @@ class SwinBlock(nn.Module):
     def _window_order(self, geometry, padded, device):
         """The cached `window_order` permutations of a shifted block in eager mode, else None (no shift:
         the partition is one copy already; compiled or traced: the graph fuses the copies itself)."""
-        if not geometry.has_shift or not fast_copies_allowed():
+        if not geometry.has_shift or not caching_allowed():
             return None
         key = ("order", padded, geometry, device)
         return self.attn._cached(key, lambda: window_order(*padded, geometry, device))

@@ -7,6 +7,7 @@ files are named after the CPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -24,13 +25,18 @@ _ISA_LEVELS = (
 )
 
 
+@functools.lru_cache(maxsize=1)
+def _proc_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpuinfo(text: str | None = None) -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    """The first processor's fields of /proc/cpuinfo, read once per process (empty where there is none)."""
     if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return {}
+        text = _proc_cpuinfo()
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
