@@ -1,7 +1,12 @@
-"""The host a benchmark names (swinx.tools.host) and the compute threads that follow the machine's
-load (swinx.engine.threads)."""
+"""The host a benchmark names (swinx.tools.host), the compute threads that follow the machine's
+load (swinx.engine.threads) and the allocator setting that keeps freed memory (swinx.engine.memory)."""
 
 from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,3 +189,45 @@ def test_a_training_run_steps_down_while_the_machine_is_busy_and_restores_the_th
         assert json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])["threads"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# keep_freed_memory
+
+_FAULTS = """
+import resource, sys, torch
+from swinx.engine.memory import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+def step():  # what a training step does with one large activation: allocate, fill, free
+    torch.ones(40 * 2**20 // 4)
+step()
+step()  # glibc settles after the second
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sorted(faults)[2])  # the median step
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_large_allocation():
+    """A 40 MiB tensor (over glibc's largest mmap threshold) allocated again and again: with the
+    C library's defaults each one is a fresh mapping whose 10,240 pages all fault; kept, none do."""
+    env = {**os.environ, "SWINX_MALLOC": ""}
+    faults = {}
+    for mode in ("keep", "system"):
+        done = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        kept, faults[mode] = done.stdout.split()
+        assert kept == str(mode == "keep")
+    assert int(faults["system"]) > 5000  # pages of 4 KiB; at least half of them faulted
+    assert int(faults["keep"]) < 500
+
+
+def test_keep_freed_memory_can_be_turned_off():
+    env = {**os.environ, "SWINX_MALLOC": "system"}
+    code = "from swinx.engine.memory import keep_freed_memory as k; print(k(), k())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "False"], done.stderr

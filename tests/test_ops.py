@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import swinx
 from helpers import SMALL, max_diff, one_thread, randomize  # noqa: F401 - one_thread is used through pytestmark
 from swinx.model import ops
-from swinx.model.swin import SwinBlock
+from swinx.model.swin import Mlp, SwinBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # two threads on two shared cores: see helpers
 
@@ -411,3 +411,88 @@ def test_training_takes_onednn_only_where_it_is_timed_faster(monkeypatch):
     ops._TRAIN_CHOICE.clear()
     monkeypatch.undo()
     assert ops.best_seconds(lambda: sum(range(1000))) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The lean MLP (training saves the input and fc1's output only)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("shape", [(6, 24), (2, 7, 5, 24)])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_lean_mlp_matches_autograd(norm, shape, onednn, monkeypatch):
+    """Output and every gradient against autograd through F.layer_norm, F.linear and F.gelu, with
+    random affine parameters, for both kernel choices."""
+    monkeypatch.setattr(ops, "_onednn_trains_faster", lambda x, weight: onednn)
+    monkeypatch.setattr(ops, "_TRAIN_CHOICE", {})
+    g = torch.Generator().manual_seed(len(shape) + 2 * norm)
+    C, hidden = shape[-1], 4 * shape[-1]
+    params = [
+        1 + 0.3 * torch.randn(C, generator=g),
+        0.2 * torch.randn(C, generator=g),
+        torch.randn(hidden, C, generator=g) / C**0.5,
+        0.3 * torch.randn(hidden, generator=g),
+        torch.randn(C, hidden, generator=g) / hidden**0.5,
+        0.3 * torch.randn(C, generator=g),
+    ]
+    if not norm:
+        params[:2] = [None, None]
+    x = 2 * torch.randn(shape, generator=g) + 0.5
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    copies = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    x1, nw, nb, w1, b1, w2, b2 = leaves
+    out = ops.lean_mlp(x1, nw, nb, 1e-5, w1, b1, w2, b2)
+    x2, nw2, nb2, w1b, b1b, w2b, b2b = copies
+    h = F.layer_norm(x2, (C,), nw2, nb2, 1e-5) if norm else x2
+    ref = F.linear(F.gelu(F.linear(h, w1b, b1b)), w2b, b2b)
+    assert out.shape == ref.shape and out.grad_fn is not None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(ref.shape, generator=g)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for mine, theirs in zip(leaves, copies):
+        if mine is not None:
+            assert mine.grad is not None and mine.grad.abs().max() > 0
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_lean_mlp_is_taken_only_where_it_applies():
+    mlp = Mlp(8, 32)
+    norm = torch.nn.LayerNorm(8)
+    x = torch.randn(3, 8)
+    assert "LeanMlp" in str(mlp(x, norm).grad_fn) and "LeanMlp" in str(mlp(x).grad_fn)
+    with torch.no_grad():
+        assert mlp(x, norm).grad_fn is None
+    with torch.autocast("cpu", torch.bfloat16):
+        assert "LeanMlp" not in str(mlp(x, norm).grad_fn)
+    with ops.plain_ops():
+        assert "LeanMlp" not in str(mlp(x, norm).grad_fn)
+    mlp.fused = False
+    assert "LeanMlp" not in str(mlp(x, norm).grad_fn)
+    dropping = Mlp(8, 32, drop=0.1)
+    assert "LeanMlp" not in str(dropping(x, norm).grad_fn)
+    assert "LeanMlp" in str(dropping.eval()(x, norm).grad_fn)  # eval: no dropout, still recording
+    frozen = Mlp(8, 32).requires_grad_(False)
+    assert frozen(x).grad_fn is None
+
+
+def test_lean_mlp_saves_less_than_autograd():
+    """The point of it: a training forward of a V1 block keeps fewer activation bytes."""
+    block = SwinBlock(32, 2, 7, 3)
+    x = torch.randn(2, 14, 14, 32)
+
+    def saved_bytes(fused):
+        block.mlp.fused = fused
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x)
+        return sum(storages.values())
+
+    lean, plain = saved_bytes(True), saved_bytes(False)
+    tokens, C = 2 * 14 * 14, 32
+    assert plain - lean >= 0.9 * tokens * 5 * C * 4  # the norm's output (C) and the GELU's (4C), float32

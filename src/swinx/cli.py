@@ -15,6 +15,7 @@ import torch
 import swinx
 from swinx.classification.data import DataError
 from swinx.classification.recipe import TrainError
+from swinx.engine.memory import keep_freed_memory
 from swinx.engine.threads import THREADS_HELP
 from swinx.model.windows import SMALL_MAP_POLICIES
 from swinx.weights.checkpoint import CheckpointError, atomic_write
@@ -731,6 +732,7 @@ def _console_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _console_logging()
+    keep_freed_memory()
     try:
         return args.run(args)
     except (CheckpointError, DataError, TrainError, ValueError, TypeError, OSError) as e:

@@ -134,3 +134,91 @@ def best_seconds(fn, repeats: int = 3) -> float:
 def _plain(x, weight, bias, gelu):
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLP for training: activations saved once, the cheap parts recomputed
+
+
+def mlp_trains_lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether `lean_mlp` applies: float32 autograd outside autocast, compilers and tracing (which
+    pick what to save themselves), with fast kernels enabled."""
+    return (
+        _enabled
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, *params))
+        and not torch.is_autocast_enabled(x.device.type)
+        and all(t is None or t.dtype == x.dtype for t in params)
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+def lean_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> torch.Tensor:
+    """fc2(GELU(fc1(LayerNorm(x)))) (no norm when `norm_weight` is None) that saves only x and fc1's
+    output for the backward. Autograd would also keep the norm's output (for fc1's weight gradient)
+    and the GELU's output (for fc2's, 4x the width): a third of a V1 block's saved activations.
+    Both are recomputed in the backward, an elementwise pass each against three matrix products."""
+    return _LeanMlp.apply(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
+
+
+class _LeanMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
+        rows = x.reshape(-1, x.shape[-1])
+        mean = rstd = None
+        if norm_weight is not None:
+            normed, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)
+        else:
+            normed = rows
+        hidden = _train_forward(normed, w1, b1)
+        out = _train_forward(F.gelu(hidden), w2, b2)
+        ctx.save_for_backward(rows, mean, rstd, norm_weight, norm_bias, w1, hidden, w2)
+        ctx.eps, ctx.has_b1, ctx.has_b2, ctx.in_shape = eps, b1 is not None, b2 is not None, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, mean, rstd, norm_weight, norm_bias, w1, hidden, w2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # x, norm_weight, norm_bias, eps, w1, b1, w2, b2
+        grad = grad.reshape(-1, grad.shape[-1])
+        grads = [None] * 8
+        if needs[6]:
+            grads[6] = grad.t().mm(F.gelu(hidden))
+        if ctx.has_b2 and needs[7]:
+            grads[7] = grad.sum(0)
+        grad = torch.ops.aten.gelu_backward(_grad_input(grad, w2), hidden)
+        del hidden
+        if norm_weight is not None:
+            normed = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]
+        else:
+            normed = rows
+        if needs[4]:
+            grads[4] = grad.t().mm(normed)
+        if ctx.has_b1 and needs[5]:
+            grads[5] = grad.sum(0)
+        del normed
+        if needs[0] or needs[1] or needs[2]:
+            grad = _grad_input(grad, w1)
+            if norm_weight is not None:
+                wanted = [needs[0], needs[1], needs[2]]
+                grad, grads[1], grads[2] = torch.ops.aten.native_layer_norm_backward(
+                    grad, rows, rows.shape[-1:], mean, rstd, norm_weight, norm_bias, wanted
+                )
+            grads[0] = grad.view(ctx.in_shape) if needs[0] else None
+        return tuple(grads)
+
+
+def _train_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows @ weight.T + bias with the kernel `_onednn_trains_faster` picks for this shape."""
+    if _onednn_usable(rows) and _onednn_trains_faster(rows, weight):
+        return _onednn(rows, weight, bias)
+    return F.linear(rows, weight, bias)
+
+
+def _grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad @ weight, through oneDNN where the forward of this layer went through it (`OneDNNLinear`)."""
+    key = (grad.shape[0], weight.shape[1], weight.shape[0], grad.dtype)
+    if _onednn_usable(grad) and _TRAIN_CHOICE.get(key):
+        return _onednn(grad, weight.t().contiguous(), None)
+    return grad.mm(weight)

@@ -73,7 +73,11 @@ class PatchMerging(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1, GELU, fc2; with `fused`, GELU runs inside fc1's kernel where ops.linear can (CPU inference)."""
+    """fc1, GELU, fc2, after `norm` when one is given.
+
+    With `fused`, GELU runs inside fc1's kernel where ops.linear can (CPU inference), and a
+    training step saves only the input and fc1's output (`ops.lean_mlp`).
+    """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -83,9 +87,21 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fused = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        if self._lean(x, norm):
+            fc1, fc2 = self.fc1, self.fc2
+            nw, nb, eps = (norm.weight, norm.bias, norm.eps) if norm is not None else (None, None, 0.0)
+            return ops.lean_mlp(x, nw, nb, eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if norm is not None:
+            x = norm(x)
         x = ops.linear(x, self.fc1.weight, self.fc1.bias, gelu=True, fast=self.fused)
         return self.drop(ops.linear(self.drop(x), self.fc2.weight, self.fc2.bias, fast=self.fused))
+
+    def _lean(self, x: torch.Tensor, norm: nn.LayerNorm | None) -> bool:
+        if not self.fused or (self.training and self.drop.p) or (norm is not None and norm.weight is None):
+            return False
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return ops.mlp_trains_lean(x, *params, *((norm.weight, norm.bias) if norm is not None else ()))
 
 
 class SwinBlock(nn.Module):
@@ -123,7 +139,7 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == 1:
             x = x + self.drop_path(self.window_attention(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
+            return x + self.drop_path(self.mlp(x, norm=self.norm2))
         x = x + self.drop_path(self.window_attention(x, post_norm=self.norm1))
         return x + self.drop_path(self.norm2(self.mlp(x)))
 

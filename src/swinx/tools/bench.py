@@ -217,6 +217,9 @@ def process_peak_rss(spec: BenchSpec, impl: str) -> float:
 def _rss_main(spec_json: str, impl: str) -> None:
     import json
 
+    from swinx.engine.memory import keep_freed_memory
+
+    keep_freed_memory()  # as in the `swinx bench` process that asked (SWINX_MALLOC is inherited)
     spec = BenchSpec(**json.loads(spec_json))
     torch.manual_seed(0)
     model = create_model(spec.model, drop_path_rate=0.0)
