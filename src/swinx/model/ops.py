@@ -70,7 +70,7 @@ class OneDNNLinear(torch.autograd.Function):
         grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad2d, weight.t().contiguous(), None).view(x.shape)  # (M, in)
+            grad_x = _grad_input(grad2d, weight, onednn=True).view(x.shape)  # (M, in)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(grad2d.t(), x.reshape(-1, x.shape[-1]))  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -141,7 +141,7 @@ def _plain(x, weight, bias, gelu):
 
 
 def mlp_trains_lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether `lean_mlp` applies: float32 autograd outside autocast, compilers and tracing (which
+    """Whether `lean_mlp` applies: autograd in one dtype outside autocast, compilers and tracing (which
     pick what to save themselves), with fast kernels enabled."""
     return (
         _enabled
@@ -157,7 +157,7 @@ def mlp_trains_lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 def lean_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> torch.Tensor:
     """fc2(GELU(fc1(LayerNorm(x)))) (no norm when `norm_weight` is None) that saves only x and fc1's
     output for the backward. Autograd would also keep the norm's output (for fc1's weight gradient)
-    and the GELU's output (for fc2's, 4x the width): a third of a V1 block's saved activations.
+    and the GELU's output (for fc2's, 4x the width): over a quarter of a V1 block's saved activations.
     Both are recomputed in the backward, an elementwise pass each against three matrix products."""
     return _LeanMlp.apply(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
 
@@ -171,8 +171,10 @@ class _LeanMlp(torch.autograd.Function):
             normed, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)
         else:
             normed = rows
-        hidden = _train_forward(normed, w1, b1)
-        out = _train_forward(F.gelu(hidden), w2, b2)
+        ctx.onednn = [_onednn_usable(rows) and _onednn_trains_faster(rows, w) for w in (w1, w2)]
+        hidden = _onednn(normed, w1, b1) if ctx.onednn[0] else F.linear(normed, w1, b1)
+        gelu = F.gelu(hidden)
+        out = _onednn(gelu, w2, b2) if ctx.onednn[1] else F.linear(gelu, w2, b2)
         ctx.save_for_backward(rows, mean, rstd, norm_weight, norm_bias, w1, hidden, w2)
         ctx.eps, ctx.has_b1, ctx.has_b2, ctx.in_shape = eps, b1 is not None, b2 is not None, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -187,7 +189,7 @@ class _LeanMlp(torch.autograd.Function):
             grads[6] = grad.t().mm(F.gelu(hidden))
         if ctx.has_b2 and needs[7]:
             grads[7] = grad.sum(0)
-        grad = torch.ops.aten.gelu_backward(_grad_input(grad, w2), hidden)
+        grad = torch.ops.aten.gelu_backward(_grad_input(grad, w2, ctx.onednn[1]), hidden)
         del hidden
         if norm_weight is not None:
             normed = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]
@@ -199,7 +201,7 @@ class _LeanMlp(torch.autograd.Function):
             grads[5] = grad.sum(0)
         del normed
         if needs[0] or needs[1] or needs[2]:
-            grad = _grad_input(grad, w1)
+            grad = _grad_input(grad, w1, ctx.onednn[0])
             if norm_weight is not None:
                 wanted = [needs[0], needs[1], needs[2]]
                 grad, grads[1], grads[2] = torch.ops.aten.native_layer_norm_backward(
@@ -209,16 +211,6 @@ class _LeanMlp(torch.autograd.Function):
         return tuple(grads)
 
 
-def _train_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows @ weight.T + bias with the kernel `_onednn_trains_faster` picks for this shape."""
-    if _onednn_usable(rows) and _onednn_trains_faster(rows, weight):
-        return _onednn(rows, weight, bias)
-    return F.linear(rows, weight, bias)
-
-
-def _grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad @ weight, through oneDNN where the forward of this layer went through it (`OneDNNLinear`)."""
-    key = (grad.shape[0], weight.shape[1], weight.shape[0], grad.dtype)
-    if _onednn_usable(grad) and _TRAIN_CHOICE.get(key):
-        return _onednn(grad, weight.t().contiguous(), None)
-    return grad.mm(weight)
+def _grad_input(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """grad @ weight: through oneDNN for a layer whose forward went through it, else BLAS."""
+    return _onednn(grad, weight.t().contiguous(), None) if onednn else grad.mm(weight)
