@@ -496,3 +496,14 @@ def test_lean_mlp_saves_less_than_autograd():
     lean, plain = saved_bytes(True), saved_bytes(False)
     tokens, C = 2 * 14 * 14, 32
     assert plain - lean >= 0.9 * tokens * 5 * C * 4  # the norm's output (C) and the GELU's (4C), float32
+
+
+def test_lean_mlp_times_each_layer_on_its_own_input(monkeypatch):
+    """The real chooser (not the autouse fixture's): each layer is timed at its own shape."""
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "_TRAIN_CHOICE", {})
+    mlp = Mlp(8, 32)
+    out = mlp(torch.randn(2, 5, 8), torch.nn.LayerNorm(8))
+    out.sum().backward()
+    assert {key[:3] for key in ops._TRAIN_CHOICE} == {(10, 8, 32), (10, 32, 8)}
+    assert all(p.grad is not None for p in mlp.parameters())

@@ -171,10 +171,9 @@ class _LeanMlp(torch.autograd.Function):
             normed, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)
         else:
             normed = rows
-        ctx.onednn = [_onednn_usable(rows) and _onednn_trains_faster(rows, w) for w in (w1, w2)]
-        hidden = _onednn(normed, w1, b1) if ctx.onednn[0] else F.linear(normed, w1, b1)
-        gelu = F.gelu(hidden)
-        out = _onednn(gelu, w2, b2) if ctx.onednn[1] else F.linear(gelu, w2, b2)
+        ctx.onednn = []  # per layer: whether its forward went through oneDNN (the backward follows)
+        hidden = _train_forward(ctx, normed, w1, b1)
+        out = _train_forward(ctx, F.gelu(hidden), w2, b2)
         ctx.save_for_backward(rows, mean, rstd, norm_weight, norm_bias, w1, hidden, w2)
         ctx.eps, ctx.has_b1, ctx.has_b2, ctx.in_shape = eps, b1 is not None, b2 is not None, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -209,6 +208,12 @@ class _LeanMlp(torch.autograd.Function):
                 )
             grads[0] = grad.view(ctx.in_shape) if needs[0] else None
         return tuple(grads)
+
+
+def _train_forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows @ weight.T + bias with the kernel `_onednn_trains_faster` picks for this shape, noted in ctx."""
+    ctx.onednn.append(_onednn_usable(rows) and _onednn_trains_faster(rows, weight))
+    return _onednn(rows, weight, bias) if ctx.onednn[-1] else F.linear(rows, weight, bias)
 
 
 def _grad_input(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
