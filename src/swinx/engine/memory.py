@@ -9,12 +9,7 @@ on a page fault: swin_t at batch 16 took about 280,000 page faults per float32 t
 --batch 16` ran 1.11x faster (Intel Xeon, family 6 model 167, 2 cores; one host type measured).
 
 `keep_freed_memory` turns both off with `mallopt`: no mappings, and no trimming, so the memory of
-one step serves the next and a steady loop takes almost no page faults. It also limits malloc to
-one arena: a thread other than the main one (a server's worker, a training loop started in a
-thread) otherwise gets an arena of its own, made of 64 MiB heaps that glibc deletes as soon as
-they are empty, whatever the trim threshold; measured here (glibc 2.36), a 40 MiB tensor
-allocated again and again in such a thread faulted all its 10,240 pages every time with only the
-first two settings, and none with the third. The process keeps its
+one step serves the next and a steady loop takes almost no page faults. The process keeps its
 peak resident size (it would reach it again next step anyway). The `swinx` command calls it at
 start; set SWINX_MALLOC=system to keep the C library's defaults.
 """
@@ -26,7 +21,6 @@ import os
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 _applied: bool | None = None
@@ -47,6 +41,5 @@ def keep_freed_memory() -> bool:
             except (OSError, AttributeError):
                 return False
             mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-            settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_ARENA_MAX, 1))
-            _applied = all([bool(mallopt(param, value)) for param, value in settings])
+            _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
     return _applied
