@@ -282,15 +282,36 @@ def test_inference_mode_after_training_and_training_again(version):
     train_step(model, x, labels)
 
 
+def _data_write(params):
+    class DataWrite:  # an EMA-style update through `.data`: no version-counter bump
+        def step(self):
+            for p in params:
+                p.data.add_(p.grad, alpha=-0.5)
+
+    return DataWrite()
+
+
+UPDATES = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.5),
+    "adamw-foreach": lambda params: torch.optim.AdamW(params, lr=0.05, foreach=True),
+    # torch 2.14's fused CPU kernel updates the parameters without bumping their version counters
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),
+    "data-write": _data_write,
+}
+
+
+@pytest.mark.parametrize("update", list(UPDATES))
 @pytest.mark.parametrize("version", [1, 2])
-def test_cached_attention_bias_follows_parameter_updates(version):
-    """The inference bias cache must notice an optimizer step (in-place parameter updates)."""
+def test_cached_attention_bias_follows_parameter_updates(version, update):
+    """The inference bias cache must notice any in-place update of the bias parameters."""
     model = small_model(version)
     x = torch.randn(1, 3, 100, 76)
     model.eval()
     with torch.inference_mode():
         model(x)  # fills the caches
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.no_grad():
+        model(x)
+    optimizer = UPDATES[update](list(model.parameters()))
     train_step(model, x, torch.tensor([2]))
     optimizer.step()  # changes the bias tables / cpb MLP in place
     model.eval()

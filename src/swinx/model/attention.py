@@ -143,11 +143,19 @@ class WindowAttention(nn.Module):
         params = self._bias_parameters()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return build()  # training: the bias is part of the graph
-        if any(p.is_inference() for p in params):
-            return build()  # inference tensors have no version counter to tell us they changed
-        versions = tuple((p.data_ptr(), p._version) for p in params)
-        key = ("bias", padded, geometry, dtype, self.proj.weight.device, versions, torch.is_inference_mode_enabled())
-        return self._cached(key, build, constant=False)
+        device = self.proj.weight.device
+        if device.type != "cpu":
+            return build()  # the check below would wait for the device at every block
+        # Reused while the bias parameters hold the same values. Their version counters cannot
+        # tell: fused AdamW (torch 2.14) and writes through `.data` change them in place without
+        # a bump. The table (or the V2 MLP) is a few thousand numbers; the bias is up to nW x
+        # heads x N x N.
+        key = ("bias", padded, geometry, dtype, device, torch.is_inference_mode_enabled())
+        entry = self._cached(key, lambda: (tuple(p.detach().clone() for p in params), build()), constant=False)
+        if not all(torch.equal(kept, p) for kept, p in zip(entry[0], params, strict=True)):
+            entry = (tuple(p.detach().clone() for p in params), build())
+            self._cache[key] = entry
+        return entry[1]
 
     def indexed_bias(self, index: WindowIndex) -> torch.Tensor:
         """(nW, heads, M*M, M*M) additive bias over the slots of `WindowIndex` windows, float32.
