@@ -227,10 +227,10 @@ class Engine:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        # fused: one kernel per step over all parameters of a dtype (CPU and CUDA); elsewhere
-        # foreach, a few multi-tensor kernels instead of a dozen small ops per parameter.
-        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(self.task.param_groups(), lr=self.lr, betas=(0.9, 0.999), eps=1e-8, **fused)
+        # fused: one update op per parameter group and dtype (CPU and CUDA); elsewhere foreach,
+        # a few multi-tensor kernels instead of a dozen small ops per parameter.
+        kernel = {"fused": True} if self.device.type in ("cpu", "cuda") else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(self.task.param_groups(), lr=self.lr, betas=(0.9, 0.999), eps=1e-8, **kernel)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, self.task.lr_lambda(self.lr, self.steps_per_epoch)
         )

@@ -146,16 +146,19 @@ class WindowAttention(nn.Module):
         device = self.proj.weight.device
         if device.type != "cpu":
             return build()  # the check below would wait for the device at every block
+
         # Reused while the bias parameters hold the same values. Their version counters cannot
         # tell: fused AdamW (torch 2.14) and writes through `.data` change them in place without
         # a bump. The table (or the V2 MLP) is a few thousand numbers; the bias is up to nW x
         # heads x N x N.
+        def fresh() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+            return tuple(p.detach().clone() for p in params), build()
+
         key = ("bias", padded, geometry, dtype, device, torch.is_inference_mode_enabled())
-        entry = self._cached(key, lambda: (tuple(p.detach().clone() for p in params), build()), constant=False)
-        if not all(torch.equal(kept, p) for kept, p in zip(entry[0], params, strict=True)):
-            entry = (tuple(p.detach().clone() for p in params), build())
-            self._cache[key] = entry
-        return entry[1]
+        kept, bias = self._cached(key, fresh, constant=False)
+        if not all(torch.equal(k, p) for k, p in zip(kept, params, strict=True)):
+            kept, bias = self._cache[key] = fresh()
+        return bias
 
     def indexed_bias(self, index: WindowIndex) -> torch.Tensor:
         """(nW, heads, M*M, M*M) additive bias over the slots of `WindowIndex` windows, float32.
