@@ -49,6 +49,17 @@ def operands(shape, out_features=40, bias=True, seed=0, requires_grad=False):
     return x, weight, b
 
 
+def assert_same_backward(out, ref, leaves, copies, seed=0):
+    """Backpropagates one random weighting of `out` and `ref`: each leaf gets a nonzero gradient equal to its copy's."""
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed))
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for mine, theirs in zip(leaves, copies):
+        if mine is not None:
+            assert mine.grad is not None and mine.grad.abs().max() > 0
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+
+
 def small_model(version: int = 1, **overrides) -> swinx.SwinTransformer:
     name = "swin_t" if version == 1 else "swinv2_t"
     return randomize(swinx.create_model(name, **{**SMALL, "num_classes": 7, "drop_path_rate": 0.0, **overrides}))
@@ -468,13 +479,7 @@ def test_lean_mlp_matches_autograd(norm, shape, onednn, monkeypatch):
     ref = F.linear(F.gelu(F.linear(h, w1b, b1b)), w2b, b2b)
     assert out.shape == ref.shape and out.grad_fn is not None
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    weights = torch.randn(ref.shape, generator=g)
-    (out * weights).sum().backward()
-    (ref * weights).sum().backward()
-    for mine, theirs in zip(leaves, copies):
-        if mine is not None:
-            assert mine.grad is not None and mine.grad.abs().max() > 0
-            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+    assert_same_backward(out, ref, leaves, copies, seed=len(shape))
 
 
 def test_lean_mlp_is_taken_only_where_it_applies():
@@ -528,3 +533,141 @@ def test_lean_mlp_times_each_layer_on_its_own_input(monkeypatch):
     out.sum().backward()
     assert {key[:3] for key in ops._TRAIN_CHOICE} == {(10, 8, 32), (10, 32, 8)}
     assert all(p.grad is not None for p in mlp.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torch.compile: the same kernels as custom operators
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles its own functions: code compiled for one must not serve, or count against, another."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _recording_backend(graphs: list[str]):
+    """aot_eager (dynamo's graph, then AOT autograd, run eagerly), keeping the code of each graph dynamo made."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+def _lean_operands(shape, norm, seed):
+    g = torch.Generator().manual_seed(seed)
+    C, hidden = shape[-1], 4 * shape[-1]
+    params = [
+        1 + 0.3 * torch.randn(C, generator=g) if norm else None,
+        0.2 * torch.randn(C, generator=g) if norm else None,
+        torch.randn(hidden, C, generator=g) / C**0.5,
+        0.3 * torch.randn(hidden, generator=g),
+        torch.randn(C, hidden, generator=g) / hidden**0.5,
+        0.3 * torch.randn(C, generator=g),
+    ]
+    return 2 * torch.randn(shape, generator=g) + 0.5, params
+
+
+@pytest.mark.parametrize("op", ["linear", "train_linear", "lean_mlp", "materialize"])
+def test_custom_operators_pass_torch_library_opcheck(op):
+    """Schema, fake (meta) functions, autograd registration and AOT dispatch, checked by torch itself."""
+    x, weight, b = operands((3, 5, 24), requires_grad=True)
+    if op == "linear":
+        with torch.no_grad():
+            for gelu in (False, True):
+                torch.library.opcheck(torch.ops.swinx.linear.default, (x.detach(), weight.detach(), b.detach(), gelu))
+    elif op == "train_linear":
+        for bias in (b, None):
+            torch.library.opcheck(torch.ops.swinx.train_linear.default, (x, weight, bias))
+    elif op == "lean_mlp":
+        for norm in (True, False):
+            x, (nw, nb, w1, b1, w2, b2) = _lean_operands((2, 7, 24), norm, seed=int(norm))
+            args = [t.requires_grad_() if t is not None else None for t in (x, nw, nb, w1, b1, w2, b2)]
+            torch.library.opcheck(torch.ops.swinx.lean_mlp.default, (*args[:3], 1e-5, *args[3:]))
+    else:
+        torch.library.opcheck(torch.ops.swinx.materialize.default, (x,))
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "gelu"])
+def test_compiled_linear_goes_through_our_operators_and_matches(gelu, bias, onednn, monkeypatch):
+    """torch.compile keeps ops.linear as swinx operators (inference and training), with the output and
+    every gradient of the eager path, whichever kernel the run-time choice takes."""
+    monkeypatch.setattr(ops, "_onednn_trains_faster", lambda x, weight: onednn)
+    monkeypatch.setattr(ops, "_TRAIN_CHOICE", {})
+    graphs: list[str] = []
+    fn = torch.compile(lambda x, w, b: ops.linear(x, w, b, gelu), backend=_recording_backend(graphs), fullgraph=True)
+    leaves = operands((2, 9, 24), bias=bias, requires_grad=True)
+    copies = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    with torch.no_grad():
+        torch.testing.assert_close(fn(*leaves), reference(*leaves, gelu), rtol=1e-5, atol=1e-5)
+    assert "torch.ops.swinx.linear" in graphs[-1]
+    out, ref = fn(*leaves), reference(*copies, gelu)
+    assert "torch.ops.swinx.train_linear" in graphs[-1]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_same_backward(out, ref, leaves, copies, seed=1)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_compiled_lean_mlp_goes_through_our_operator_and_matches(norm, onednn, monkeypatch):
+    monkeypatch.setattr(ops, "_onednn_trains_faster", lambda x, weight: onednn)
+    monkeypatch.setattr(ops, "_TRAIN_CHOICE", {})
+    x, params = _lean_operands((2, 7, 5, 24), norm, seed=3 + int(norm))
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    copies = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    graphs: list[str] = []
+
+    def mlp(x, nw, nb, w1, b1, w2, b2):
+        return ops.lean_mlp(x, nw, nb, 1e-5, w1, b1, w2, b2)
+
+    out = torch.compile(mlp, backend=_recording_backend(graphs), fullgraph=True)(*leaves)
+    assert "torch.ops.swinx.lean_mlp" in graphs[-1]
+    x2, nw, nb, w1, b1, w2, b2 = copies
+    h = F.layer_norm(x2, (x.shape[-1],), nw, nb, 1e-5) if norm else x2
+    ref = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_same_backward(out, ref, leaves, copies, seed=2)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_graphs_keep_plain_aten_where_our_operators_do_not_belong(monkeypatch):
+    """Autocast, export and inductor's freezing (inference) see F.linear, not our operators; so does eager code."""
+    x, weight, b = operands((4, 24))
+    graphs: list[str] = []
+    fn = torch.compile(lambda x, w, b: ops.materialized(ops.linear(x, w, b)), backend=_recording_backend(graphs))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        fn(x, weight, b)
+    assert "swinx.linear" not in graphs[-1] and "swinx.materialize" in graphs[-1]
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        torch.testing.assert_close(fn(x, weight, b), reference(x, weight, b, False), rtol=1e-5, atol=1e-5)
+    assert "swinx" not in graphs[-1]
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return ops.materialized(ops.linear(x, weight, b))
+
+    program = torch.export.export(Layer(), (x,))
+    assert "swinx" not in str(program.graph)
+    assert ops.materialized(x) is x  # eager: no copy
+
+
+def test_materialize_is_an_identity_with_a_gradient():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = torch.ops.swinx.materialize(x)
+    assert y.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(y, x)
+    (y * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.arange(4.0).expand(3, 4))

@@ -138,8 +138,8 @@ class WindowAttention(nn.Module):
                 bias = bias + mask[:, None]
             return bias.to(dtype)
 
-        if not caching_allowed():
-            return build()  # compiled, traced or exported: the graph computes the bias itself
+        if not caching_allowed():  # compiled, traced or exported: the graph computes the bias itself,
+            return ops.materialized(build())  # once per step, not once per score (see `materialized`)
         params = self._bias_parameters()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return build()  # training: the bias is part of the graph

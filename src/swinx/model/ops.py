@@ -14,6 +14,7 @@ torch.compile and tracing, where the compiler picks kernels itself.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import torch
@@ -67,38 +68,50 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _grad_input(grad2d, weight, onednn=True).view(x.shape)  # (M, in)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(grad2d.t(), x.reshape(-1, x.shape[-1]))  # (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad2d.sum(0)
-        return grad_x, grad_w, grad_b
+        needs = ctx.needs_input_grad
+        return tuple(_linear_grads(grad, x, weight, True, (needs[0], needs[1], ctx.has_bias and needs[2])))
+
+
+def _linear_grads(grad, x, weight, onednn: bool, needs) -> list[torch.Tensor | None]:
+    """The gradients of x @ weight.T + b that `needs` (x, weight, b) asks for; the input gradient
+    through oneDNN where the forward went through it."""
+    grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
+    grads = [None, None, None]
+    if needs[0]:
+        grads[0] = _grad_input(grad2d, weight, onednn).view(x.shape)  # (M, in)
+    if needs[1]:
+        grads[1] = torch.mm(grad2d.t(), x.reshape(-1, x.shape[-1]))  # (out, in)
+    if needs[2]:
+        grads[2] = grad2d.sum(0)
+    return grads
 
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False, fast: bool = True
 ) -> torch.Tensor:
     """F.linear (then exact erf GELU when `gelu`), through oneDNN on the CPU where it is available."""
-    if not (fast and _onednn_usable(x)):
+    compiling = _compiling_with_our_kernels(x)
+    if not (fast and (compiling or _onednn_usable(x))):
         return _plain(x, weight, bias, gelu)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if torch.is_autocast_enabled("cpu"):  # do what autocast would have done for F.linear
-        if training:  # autocast's F.linear is oneDNN's bf16 matmul already, with a native backward
+        if training or compiling:  # autocast's F.linear is oneDNN's bf16 matmul already, with a native backward
             return _plain(x, weight, bias, gelu)
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return _plain(x, weight, bias, gelu)
-    elif training and not _onednn_trains_faster(x, weight):
-        return _plain(x, weight, bias, gelu)
+    if compiling:  # opaque ops that pick the kernel at run time, on the real tensors
+        if not training:
+            return torch.ops.swinx.linear(x, weight, bias, gelu)
+        y = torch.ops.swinx.train_linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
     if not training:
         return _onednn(x, weight, bias, "gelu" if gelu else "none")
-    with torch.autocast("cpu", enabled=False):
-        y = OneDNNLinear.apply(x, weight, bias)
+    if not _onednn_trains_faster(x, weight):
+        return _plain(x, weight, bias, gelu)
+    y = OneDNNLinear.apply(x, weight, bias)
     return F.gelu(y) if gelu else y
 
 
@@ -141,15 +154,15 @@ def _plain(x, weight, bias, gelu):
 
 
 def mlp_trains_lean(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether `lean_mlp` applies: autograd in one dtype outside autocast, compilers and tracing (which
-    pick what to save themselves), with fast kernels enabled."""
+    """Whether `lean_mlp` applies: autograd in one dtype outside autocast and tracing, with fast kernels
+    enabled; under torch.compile only where our kernels go into the graph (`_compiling_with_our_kernels`)."""
     return (
         _enabled
         and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (x, *params))
         and not torch.is_autocast_enabled(x.device.type)
         and all(t is None or t.dtype == x.dtype for t in params)
-        and not torch.compiler.is_compiling()
+        and (not torch.compiler.is_compiling() or _compiling_with_our_kernels(x))
         and not torch.jit.is_tracing()
     )
 
@@ -159,63 +172,274 @@ def lean_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2) -> torch.Tensor:
     output for the backward. Autograd would also keep the norm's output (for fc1's weight gradient)
     and the GELU's output (for fc2's, 4x the width): over a quarter of a V1 block's saved activations.
     Both are recomputed in the backward, an elementwise pass each against three matrix products."""
+    if _compiling_with_our_kernels(x):
+        return torch.ops.swinx.lean_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)[0]
     return _LeanMlp.apply(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
 
 
 class _LeanMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
-        rows = x.reshape(-1, x.shape[-1])
-        mean = rstd = None
-        if norm_weight is not None:
-            normed, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)
-        else:
-            normed = rows
-        ctx.onednn = []  # per layer: whether its forward went through oneDNN (the backward follows)
-        hidden = _train_forward(ctx, normed, w1, b1)
-        out = _train_forward(ctx, F.gelu(hidden), w2, b2)
-        ctx.save_for_backward(rows, mean, rstd, norm_weight, norm_bias, w1, hidden, w2)
-        ctx.eps, ctx.has_b1, ctx.has_b2, ctx.in_shape = eps, b1 is not None, b2 is not None, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        out, hidden, mean, rstd, ctx.onednn = _lean_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, hidden, w2)
+        ctx.eps, ctx.has_b1, ctx.has_b2 = eps, b1 is not None, b2 is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        rows, mean, rstd, norm_weight, norm_bias, w1, hidden, w2 = ctx.saved_tensors
-        needs = ctx.needs_input_grad  # x, norm_weight, norm_bias, eps, w1, b1, w2, b2
-        grad = grad.reshape(-1, grad.shape[-1])
-        grads = [None] * 8
-        if needs[6]:
-            grads[6] = grad.t().mm(F.gelu(hidden))
-        if ctx.has_b2 and needs[7]:
-            grads[7] = grad.sum(0)
-        grad = torch.ops.aten.gelu_backward(_grad_input(grad, w2, ctx.onednn[1]), hidden)
-        del hidden
-        if norm_weight is not None:
-            normed = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]
-        else:
-            normed = rows
-        if needs[4]:
-            grads[4] = grad.t().mm(normed)
-        if ctx.has_b1 and needs[5]:
-            grads[5] = grad.sum(0)
-        del normed
-        if needs[0] or needs[1] or needs[2]:
-            grad = _grad_input(grad, w1, ctx.onednn[0])
-            if norm_weight is not None:
-                wanted = [needs[0], needs[1], needs[2]]
-                grad, grads[1], grads[2] = torch.ops.aten.native_layer_norm_backward(
-                    grad, rows, rows.shape[-1:], mean, rstd, norm_weight, norm_bias, wanted
-                )
-            grads[0] = grad.view(ctx.in_shape) if needs[0] else None
+        x, mean, rstd, norm_weight, norm_bias, w1, hidden, w2 = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad)  # x, norm_weight, norm_bias, eps, w1, b1, w2, b2
+        needs[5], needs[7] = ctx.has_b1 and needs[5], ctx.has_b2 and needs[7]
+        grads = _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, ctx.eps, w1, hidden, w2, ctx.onednn, needs)
         return tuple(grads)
 
 
-def _train_forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows @ weight.T + bias with the kernel `_onednn_trains_faster` picks for this shape, noted in ctx."""
-    ctx.onednn.append(_onednn_usable(rows) and _onednn_trains_faster(rows, weight))
-    return _onednn(rows, weight, bias) if ctx.onednn[-1] else F.linear(rows, weight, bias)
+def _lean_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
+    """The lean MLP's output, what its backward needs (fc1's output, the norm's mean and rstd, or
+    None without a norm) and, per layer, whether it went through oneDNN."""
+    rows = x.reshape(-1, x.shape[-1])
+    mean = rstd = None
+    if norm_weight is not None:
+        normed, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)
+    else:
+        normed = rows
+    onednn = [_trains_onednn(normed, w1), False]
+    hidden = _onednn(normed, w1, b1) if onednn[0] else F.linear(normed, w1, b1)
+    del normed
+    activated = F.gelu(hidden)
+    onednn[1] = _trains_onednn(activated, w2)
+    out = _onednn(activated, w2, b2) if onednn[1] else F.linear(activated, w2, b2)
+    return out.view(*x.shape[:-1], out.shape[-1]), hidden, mean, rstd, onednn
+
+
+def _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden, w2, onednn, needs) -> list:
+    """The gradients `needs` asks for (x, norm_weight, norm_bias, eps, w1, b1, w2, b2), the norm's
+    output and GELU's recomputed."""
+    rows = x.reshape(-1, x.shape[-1])
+    grad = grad.reshape(-1, grad.shape[-1])
+    grads = [None] * 8
+    if needs[6]:
+        grads[6] = grad.t().mm(F.gelu(hidden))
+    if needs[7]:
+        grads[7] = grad.sum(0)
+    grad = torch.ops.aten.gelu_backward(_grad_input(grad, w2, onednn[1]), hidden)
+    del hidden
+    if norm_weight is not None:
+        normed = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)[0]
+    else:
+        normed = rows
+    if needs[4]:
+        grads[4] = grad.t().mm(normed)
+    if needs[5]:
+        grads[5] = grad.sum(0)
+    del normed
+    if needs[0] or needs[1] or needs[2]:
+        grad = _grad_input(grad, w1, onednn[0])
+        if norm_weight is not None:
+            grad, grads[1], grads[2] = torch.ops.aten.native_layer_norm_backward(
+                grad, rows, rows.shape[-1:], mean, rstd, norm_weight, norm_bias, list(needs[:3])
+            )
+        grads[0] = grad.view(x.shape) if needs[0] else None
+    return grads
+
+
+def _trains_onednn(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a training product takes oneDNN: where it is usable and timed faster for this shape."""
+    return _onednn_usable(rows) and _onednn_trains_faster(rows, weight)
 
 
 def _grad_input(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
     """grad @ weight: through oneDNN for a layer whose forward went through it, else BLAS."""
     return _onednn(grad, weight.t().contiguous(), None) if onednn else grad.mm(weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torch.compile: the same kernels, as operators the compiler keeps
+#
+# Traced by torch.compile, every linear would become BLAS's addmm, and the lean MLP's autograd
+# function would be traced through and lost. These custom operators keep them: the compiler sees
+# each as one opaque call with a known output shape (the `register_fake` functions) and fuses the
+# elementwise work around it, and at run time each one runs the eager kernels above, choosing between
+# oneDNN and BLAS on the real tensors as eager training does. Exported and traced graphs (ONNX,
+# torch.export, TorchScript) keep plain ATen ops, and so does inference under inductor's freezing,
+# which packs the weights for oneDNN itself.
+
+
+def _compiling_with_our_kernels(x: torch.Tensor) -> bool:
+    return (
+        _enabled
+        and HAS_ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and not (_inductor_freezes() and not torch.is_grad_enabled())
+    )
+
+
+def _inductor_freezes() -> bool:
+    inductor_config = sys.modules.get("torch._inductor.config")
+    return bool(inductor_config is not None and inductor_config.freezing)
+
+
+def _none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t  # an operator returns tensors, never None
+
+
+@torch.library.custom_op("swinx::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    return _onednn(x, weight, bias, "gelu" if gelu else "none")
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, gelu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("swinx::train_linear", mutates_args=())
+def _train_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn(x, weight, bias) if _trains_onednn(x, weight) else F.linear(x, weight, bias)
+
+
+@_train_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("swinx::train_linear_grads", mutates_args=())
+def _train_linear_grads_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _linear_grads(grad, x, weight, _trains_onednn(x, weight), needs)
+    return tuple(_none_to_empty(g, grad) for g in grads)
+
+
+@_train_linear_grads_op.register_fake
+def _(grad, x, weight, needs):
+    shapes = (x.shape, weight.shape, grad.shape[-1:])
+    return tuple(grad.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, needs))
+
+
+def _setup_train_linear(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward_train_linear(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs = [*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = torch.ops.swinx.train_linear_grads(grad, x, weight, needs)
+    return tuple(g if wanted else None for g, wanted in zip(grads, needs))
+
+
+_train_linear_op.register_autograd(_backward_train_linear, setup_context=_setup_train_linear)
+
+
+@torch.library.custom_op("swinx::lean_mlp", mutates_args=())
+def _lean_mlp_op(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The lean MLP's output, then what its backward needs: fc1's output, the norm's mean and rstd."""
+    out, hidden, mean, rstd, _ = _lean_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
+    return out, hidden, _none_to_empty(mean, x), _none_to_empty(rstd, x)
+
+
+@_lean_mlp_op.register_fake
+def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
+    rows = x.numel() // x.shape[-1]
+    stats = (rows, 1) if norm_weight is not None else (0,)
+    return (
+        x.new_empty((*x.shape[:-1], w2.shape[0])),
+        x.new_empty((rows, w1.shape[0])),
+        x.new_empty(stats),
+        x.new_empty(stats),
+    )
+
+
+@torch.library.custom_op("swinx::lean_mlp_grads", mutates_args=())
+def _lean_mlp_grads_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    w1: torch.Tensor,
+    hidden: torch.Tensor,
+    w2: torch.Tensor,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """The gradients of x, norm_weight, norm_bias, w1, b1, w2, b2 (empty where not needed)."""
+    onednn = [_trains_onednn(x, w1), _trains_onednn(hidden, w2)]  # the forward's choices, remembered per shape
+    grads = _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden, w2, onednn, needs)
+    return [_none_to_empty(g, grad) for i, g in enumerate(grads) if i != 3]
+
+
+@_lean_mlp_grads_op.register_fake
+def _(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden, w2, needs):
+    C, H = x.shape[-1], hidden.shape[-1]
+    shapes = (x.shape, (C,), (C,), None, (H, C), (H,), (C, H), (C,))
+    return [grad.new_empty(shape if needs[i] else (0,)) for i, shape in enumerate(shapes) if i != 3]
+
+
+def _setup_lean_mlp(ctx, inputs, output):
+    x, norm_weight, norm_bias, eps, w1, b1, w2, b2 = inputs
+    _, hidden, mean, rstd = output
+    ctx.mark_non_differentiable(hidden, mean, rstd)
+    ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, hidden, w2)
+    ctx.eps, ctx.has_b1, ctx.has_b2 = eps, b1 is not None, b2 is not None
+
+
+def _backward_lean_mlp(ctx, grad, *_unused):
+    x, mean, rstd, norm_weight, norm_bias, w1, hidden, w2 = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad)
+    needs[3], needs[5], needs[7] = False, ctx.has_b1 and needs[5], ctx.has_b2 and needs[7]
+    grads = torch.ops.swinx.lean_mlp_grads(grad, x, mean, rstd, norm_weight, norm_bias, ctx.eps, w1, hidden, w2, needs)
+    grads.insert(3, None)  # eps
+    return tuple(g if wanted else None for g, wanted in zip(grads, needs))
+
+
+_lean_mlp_op.register_autograd(_backward_lean_mlp, setup_context=_setup_lean_mlp)
+
+
+def materialized(t: torch.Tensor) -> torch.Tensor:
+    """`t`, computed into memory of its own where torch.compile would recompute it inside each consumer.
+
+    Inductor inlines cheap pointwise producers into the kernels that read them. For the attention
+    bias that is a loss: the position-bias gather and the shift mask's region arithmetic were
+    recomputed for every batch element inside the softmax kernel, with scalar loads, instead of
+    being built once per step and broadcast. An opaque copy stops that; it costs one pass over the
+    (nW, heads, N, N) bias. Eager code, tracing, export and inference under inductor's freezing
+    (which folds the bias into a constant, once) get `t` itself.
+    """
+    if (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and not (_inductor_freezes() and not torch.is_grad_enabled())
+    ):
+        return torch.ops.swinx.materialize(t)
+    return t
+
+
+@torch.library.custom_op("swinx::materialize", mutates_args=())
+def _materialize_op(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+@_materialize_op.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+_materialize_op.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
