@@ -37,15 +37,14 @@ def plain_ops():
         _enabled = before
 
 
+def _kernels_take(x: torch.Tensor) -> bool:
+    """Whether our oneDNN kernels can take `x` at all: enabled, available, a CPU tensor of their dtypes."""
+    return _enabled and HAS_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in _DTYPES
+
+
 def _onednn_usable(x: torch.Tensor) -> bool:
-    return (
-        _enabled
-        and HAS_ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype in _DTYPES
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-    )
+    """Eager code: our kernels called directly."""
+    return _kernels_take(x) and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -266,12 +265,13 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch
 
 
 def _compiling_with_our_kernels(x: torch.Tensor) -> bool:
+    return _kernels_take(x) and _compiler_keeps_our_ops()
+
+
+def _compiler_keeps_our_ops() -> bool:
+    """Compiling with torch.compile, not exporting or tracing, and not inference under freezing."""
     return (
-        _enabled
-        and HAS_ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype in _DTYPES
-        and torch.compiler.is_compiling()
+        torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()
         and not (_inductor_freezes() and not torch.is_grad_enabled())
@@ -422,14 +422,7 @@ def materialized(t: torch.Tensor) -> torch.Tensor:
     (nW, heads, N, N) bias. Eager code, tracing, export and inference under inductor's freezing
     (which folds the bias into a constant, once) get `t` itself.
     """
-    if (
-        torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and not (_inductor_freezes() and not torch.is_grad_enabled())
-    ):
-        return torch.ops.swinx.materialize(t)
-    return t
+    return torch.ops.swinx.materialize(t) if _compiler_keeps_our_ops() else t
 
 
 @torch.library.custom_op("swinx::materialize", mutates_args=())
