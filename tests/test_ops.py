@@ -641,7 +641,8 @@ def test_compiled_lean_mlp_goes_through_our_operator_and_matches(norm, onednn, m
 
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_graphs_keep_plain_aten_where_our_operators_do_not_belong(monkeypatch):
-    """Autocast, export and inductor's freezing (inference) see F.linear, not our operators; so does eager code."""
+    """Autocast, export and inductor's freezing (inference, where its GEMM is the faster) see F.linear, not
+    our operators; so does eager code."""
     x, weight, b = operands((4, 24))
     graphs: list[str] = []
     fn = torch.compile(lambda x, w, b: ops.materialized(ops.linear(x, w, b)), backend=_recording_backend(graphs))
@@ -651,6 +652,7 @@ def test_compiled_graphs_keep_plain_aten_where_our_operators_do_not_belong(monke
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
+    monkeypatch.setattr(ops, "_FROZEN_CHOICE", [False])  # freezing's prepacked GEMM timed faster than ours
     with torch.no_grad(), inductor_config.patch(freezing=True):
         torch.testing.assert_close(fn(x, weight, b), reference(x, weight, b, False), rtol=1e-5, atol=1e-5)
     assert "swinx" not in graphs[-1]
@@ -662,6 +664,30 @@ def test_compiled_graphs_keep_plain_aten_where_our_operators_do_not_belong(monke
     program = torch.export.export(Layer(), (x,))
     assert "swinx" not in str(program.graph)
     assert ops.materialized(x) is x  # eager: no copy
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_freezing_keeps_our_operators_where_onednn_is_timed_faster(monkeypatch):
+    """Under freezing, the choice between our oneDNN linear and inductor's prepacked GEMM is timed once per
+    process, inside the trace (without a graph break), and a frozen graph that keeps ours matches eager."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(ops, "_FROZEN_CHOICE", [])
+    x, weight, b = operands((4, 24))
+    graphs: list[str] = []
+    backend = _recording_backend(graphs)
+    fn = torch.compile(lambda x: ops.linear(x, weight, b, gelu=True), backend=backend, fullgraph=True)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        torch.testing.assert_close(fn(x), reference(x, weight, b, True), rtol=1e-5, atol=1e-5)
+    assert len(ops._FROZEN_CHOICE) == 1 and isinstance(ops._FROZEN_CHOICE[0], bool)
+    assert ("torch.ops.swinx.linear" in graphs[-1]) == ops._FROZEN_CHOICE[0]
+    assert ops._onednn_beats_frozen_gemm() is ops._FROZEN_CHOICE[0]  # asked again: the same answer, not retimed
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(ops, "_FROZEN_CHOICE", [True])
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        out = torch.compile(lambda x: ops.linear(x, weight, b), backend="inductor")(x)
+    torch.testing.assert_close(out, reference(x, weight, b, False), rtol=1e-5, atol=1e-5)
 
 
 def test_materialize_is_an_identity_with_a_gradient():

@@ -260,8 +260,9 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch
 # each as one opaque call with a known output shape (the `register_fake` functions) and fuses the
 # elementwise work around it, and at run time each one runs the eager kernels above, choosing between
 # oneDNN and BLAS on the real tensors as eager training does. Exported and traced graphs (ONNX,
-# torch.export, TorchScript) keep plain ATen ops, and so does inference under inductor's freezing,
-# which packs the weights for oneDNN itself.
+# torch.export, TorchScript) keep plain ATen ops. Inference under inductor's freezing packs the
+# weights for a GEMM of its own (MKL's on x86), and keeps plain ATen ops where that GEMM is the
+# faster one on this host (`_onednn_beats_frozen_gemm`).
 
 
 def _compiling_with_our_kernels(x: torch.Tensor) -> bool:
@@ -269,18 +270,46 @@ def _compiling_with_our_kernels(x: torch.Tensor) -> bool:
 
 
 def _compiler_keeps_our_ops() -> bool:
-    """Compiling with torch.compile, not exporting or tracing, and not inference under freezing."""
+    """Compiling with torch.compile, not exporting or tracing; under inductor's freezing (inference),
+    only where oneDNN beats the prepacked GEMM that freezing would use instead."""
     return (
         torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()
-        and not (_inductor_freezes() and not torch.is_grad_enabled())
+        and not (_inductor_freezes() and not torch.is_grad_enabled() and not _onednn_beats_frozen_gemm())
     )
 
 
 def _inductor_freezes() -> bool:
     inductor_config = sys.modules.get("torch._inductor.config")
     return bool(inductor_config is not None and inductor_config.freezing)
+
+
+_FROZEN_CHOICE: list[bool] = []  # the answer of `_onednn_beats_frozen_gemm`, once per process
+
+# float32 products of swin_t at batch 8: stage 2's fc1 and stage 3's fc2 (rows, in, out)
+_FROZEN_PROBE_SHAPES = ((6272, 192, 768), (1568, 1536, 384))
+
+
+@torch.compiler.assume_constant_result
+def _onednn_beats_frozen_gemm() -> bool:
+    """Whether our oneDNN linear runs float32 faster than the GEMM inductor's freezing would put in
+    its place: MKL's prepacked sgemm on x86 builds with MKL (else BLAS's addmm). Timed once per
+    process, on two of Swin's shapes. On an Intel Xeon (AMX) MKL wins and freezing keeps its own
+    GEMMs; on an AMD EPYC (Zen 4) MKL's is the slower one and frozen graphs keep ours."""
+    if not _FROZEN_CHOICE:
+        ours = theirs = 0.0
+        with torch.no_grad():
+            for rows, cin, cout in _FROZEN_PROBE_SHAPES:
+                x, w = torch.randn(rows, cin), torch.randn(cout, cin) / cin**0.5
+                ours += best_seconds(lambda: _onednn(x, w, None), repeats=5)
+                if torch._C.has_mkl:
+                    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+                    theirs += best_seconds(lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, rows), repeats=5)
+                else:
+                    theirs += best_seconds(lambda: F.linear(x, w), repeats=5)
+        _FROZEN_CHOICE.append(ours < theirs)
+    return _FROZEN_CHOICE[0]
 
 
 def _none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -420,7 +449,7 @@ def materialized(t: torch.Tensor) -> torch.Tensor:
     recomputed for every batch element inside the softmax kernel, with scalar loads, instead of
     being built once per step and broadcast. An opaque copy stops that; it costs one pass over the
     (nW, heads, N, N) bias. Eager code, tracing, export and inference under inductor's freezing
-    (which folds the bias into a constant, once) get `t` itself.
+    where freezing keeps its own GEMMs (it folds the bias into a constant, once) get `t` itself.
     """
     return torch.ops.swinx.materialize(t) if _compiler_keeps_our_ops() else t
 
