@@ -445,6 +445,27 @@ def test_training_takes_onednn_only_where_it_is_timed_faster(monkeypatch):
     assert ops.best_seconds(lambda: sum(range(1000))) > 0
 
 
+def test_weight_gradient_takes_the_orientation_timed_faster_and_both_agree(monkeypatch):
+    """`_weight_grad` computes grad^T x directly or as (x^T grad)^T, whichever BLAS ran faster for the
+    shape, timed once; both give the (out, in) gradient of F.linear, contiguous like the weight."""
+    monkeypatch.setattr(ops, "_WGRAD_CHOICE", {})
+    x, weight, b = operands((2, 9, 24), requires_grad=True)
+    grad = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(5))
+    expected = torch.autograd.grad(F.linear(x, weight, b), weight, grad)[0]
+    for transposed_wins in (True, False):
+        ops._WGRAD_CHOICE.clear()
+        times = itertools.cycle((1.0, 0.5) if transposed_wins else (0.5, 1.0))  # the direct product first
+        monkeypatch.setattr(ops, "best_seconds", lambda fn: next(times))
+        y = ops.linear(x, weight, b)
+        assert "OneDNNLinear" in str(y.grad_fn)
+        got = torch.autograd.grad(y, weight, grad)[0]
+        assert ops._WGRAD_CHOICE == {(18, 24, 40, torch.float32): transposed_wins}
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(ops, "best_seconds", lambda fn: pytest.fail("timed twice"))
+    torch.autograd.grad(ops.linear(x, weight, b), weight, grad)  # the choice is remembered
+
+
 # ---------------------------------------------------------------------------------------------
 # The lean MLP (training saves the input and fc1's output only)
 
