@@ -122,8 +122,8 @@ def _onednn_trains_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
     once per shape (the weight gradient is BLAS's either way). On some hosts oneDNN runs Swin's
     float32 shapes twice as fast as BLAS; on others (AVX-512 hosts where MKL is as good) it is
     slower, and training through `OneDNNLinear` then loses to plain F.linear. On an AMD EPYC (Zen 4)
-    oneDNN's forward was within 5% of BLAS for stage 1's products and its input gradient 20-30% faster,
-    so both are timed."""
+    oneDNN's forward was within 5% of BLAS for three of stage 1's four products and its input gradient
+    up to 30% faster, so both are timed."""
     key = (x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], x.dtype)
     choice = _TRAIN_CHOICE.get(key)
     if choice is None:
@@ -142,7 +142,7 @@ _WGRAD_CHOICE: dict[tuple, bool] = {}  # (rows, in, out, dtype) -> x^T grad, tra
 def _weight_grad(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """grad^T @ rows, the (out, in) weight gradient of a linear layer from (M, out) and (M, in), in the
     orientation that BLAS runs faster for this shape (timed once per shape): computed as
-    (rows^T @ grad)^T it was 1.15-1.3x faster where in > out (an MLP's fc2) on an AMD EPYC (Zen 4)."""
+    (rows^T @ grad)^T it was 1.1-1.3x faster where in > out (an MLP's fc2) on an AMD EPYC (Zen 4)."""
     key = (rows.shape[0], rows.shape[1], grad.shape[1], rows.dtype)
     choice = _WGRAD_CHOICE.get(key)
     if choice is None:
@@ -315,8 +315,9 @@ _FROZEN_PROBE_SHAPES = ((6272, 192, 768), (1568, 1536, 384))
 def _onednn_beats_frozen_gemm() -> bool:
     """Whether our oneDNN linear runs float32 faster than the GEMM inductor's freezing would put in
     its place: MKL's prepacked sgemm on x86 builds with MKL (else BLAS's addmm). Timed once per
-    process, on two of Swin's shapes. On an Intel Xeon (AMX) MKL wins and freezing keeps its own
-    GEMMs; on an AMD EPYC (Zen 4) MKL's is the slower one and frozen graphs keep ours."""
+    process, on two of Swin's shapes. On an AMD EPYC (Zen 4) MKL's is the slower one (187-199 against
+    207-215 GFLOP/s) and frozen graphs keep ours; on an Intel Xeon with AMX, where MKL's dense float32
+    rate was the higher, freezing is expected to keep its own (the probe was not run there)."""
     if not _FROZEN_CHOICE:
         ours = theirs = 0.0
         with torch.no_grad():
