@@ -353,6 +353,10 @@ def cmd_bench(args) -> int:
         f"{bench.device_name(device)}, {torch.get_num_threads()} CPU threads" if device.type == "cuda" else host_line()
     )
     print(f"{where}, torch {torch.__version__}")
+    if device.type == "cpu":
+        from swinx.model import native
+
+        print("swinx C kernels: " + ("built for this CPU" if native.library() else f"not used ({native.reason()})"))
     rates = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         kernels = bench.matmul_rate(dtype, device)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinx.model import ops
+from swinx.model import native, ops
 from swinx.model.position import log_spaced_coords, relative_position_index
 from swinx.model.windows import MASK_FILL, WindowGeometry, WindowIndex, shift_mask
 
@@ -39,6 +40,47 @@ def _fused_attention(q, k, v, bias, scale: float, drop: float) -> torch.Tensor:
         q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask, dropout_p=drop, scale=scale
     )
     return out.view(B, nW, heads, N, D)
+
+
+def _native_attention(q, k, v, bias, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c); q, k, v
+    (B, nW, heads, N, D) float32 views with the last dimension contiguous, bias (1 or nW, heads, N,
+    NP) padded with -inf (`pad_keys`). Returns (B, nW, N, heads * D), the layout the projection reads."""
+    B, nW, heads, N, D = q.shape
+    out = torch.empty(B, nW, N, heads * D, dtype=q.dtype)
+
+    def strides(t):
+        return (ctypes.c_int64 * 4)(*t.stride()[:4])
+
+    failed = native.library().swinx_window_attention_f32(
+        q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v),
+        bias.data_ptr(), bias.shape[0], out.data_ptr(), B, nW, heads, N, D, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("window attention: could not allocate its per-thread buffers")
+    return out
+
+
+def pad_keys(bias: torch.Tensor) -> torch.Tensor:
+    """(.., N, N) -> (.., N, NP) contiguous, NP = N rounded up to 16, -inf in the added key columns."""
+    N = bias.shape[-1]
+    return F.pad(bias, (0, -N % 16), value=float("-inf")).contiguous()
+
+
+def _native_takes(q, k, v, bias, drop: float) -> bool:
+    """Whether the C kernel can run this call: eager CPU float32 inference, no dropout, and the
+    kernels built (`native.library()`)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and bias.dtype == torch.float32
+        and drop == 0.0
+        and ops.native_enabled()
+        and caching_allowed()
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)))
+        and all(t.stride(-1) == 1 for t in (q, k, v))
+        and native.library() is not None
+    )
 
 
 class WindowAttention(nn.Module):
@@ -160,6 +202,14 @@ class WindowAttention(nn.Module):
             kept, bias = self._cache[key] = fresh()
         return bias
 
+    def _padded(self, bias: torch.Tensor, geometry: WindowGeometry, padded: tuple[int, int]) -> torch.Tensor:
+        """`pad_keys(bias)`, kept while `attention_bias` returns the same cached tensor."""
+        key = ("padded", padded, geometry, bias.dtype, bias.device, torch.is_inference_mode_enabled())
+        source, value = self._cached(key, lambda: (bias, pad_keys(bias)), constant=False)
+        if source is not bias:
+            source, value = self._cache[key] = bias, pad_keys(bias)
+        return value
+
     def indexed_bias(self, index: WindowIndex) -> torch.Tensor:
         """(nW, heads, M*M, M*M) additive bias over the slots of `WindowIndex` windows, float32.
 
@@ -207,8 +257,12 @@ class WindowAttention(nn.Module):
             q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
         else:
             scale = D**-0.5
+        given = bias is not None
         bias = self.attention_bias(geometry, padded, q.dtype) if bias is None else bias.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
+        if self.fused and not return_attn and not given and _native_takes(q, k, v, bias, drop):
+            out = _native_attention(q, k, v, self._padded(bias, geometry, padded), scale)
+            return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
 
         attn = None
         if self.fused and not return_attn and self._fused_pays(q, k, v, bias, scale):

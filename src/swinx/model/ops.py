@@ -28,13 +28,19 @@ _enabled = True
 
 @contextlib.contextmanager
 def plain_ops():
-    """Run every `linear` as F.linear inside this block (e.g. for torch.utils.flop_counter)."""
+    """Run every `linear` as F.linear, and attention through PyTorch's ops rather than swinx's C
+    kernel, inside this block (e.g. for torch.utils.flop_counter)."""
     global _enabled
     before, _enabled = _enabled, False
     try:
         yield
     finally:
         _enabled = before
+
+
+def native_enabled() -> bool:
+    """False inside `plain_ops()`: swinx's C kernels (`swinx.model.native`) stay out too."""
+    return _enabled
 
 
 def _kernels_take(x: torch.Tensor) -> bool:

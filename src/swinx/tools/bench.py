@@ -78,6 +78,10 @@ class Result:
         d = asdict(self)
         d["rounds_ms"] = " ".join(f"{t:.2f}" for t in self.rounds_ms)
         d.update({f"host_{k}": v for k, v in host_info().items() if k != "threads"})
+        if self.impl == "swinx" and self.device == host_info()["cpu"]:
+            from swinx.model import native
+
+            d["c_kernels"] = native.library() is not None  # the window-attention kernel (swinx.model.native)
         return d
 
 

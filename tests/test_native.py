@@ -1,0 +1,178 @@
+"""swinx's C window-attention kernel (swinx.model.native, csrc/window_attention.c): exact against the
+plain softmax math at every window, head and bias layout, used by the model where it can run, and
+replaced by PyTorch's kernels where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from helpers import max_diff
+from swinx.model import attention, native, ops
+from swinx.model.config import SwinConfig
+from swinx.model.swin import SwinTransformer
+
+HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None and os.environ.get("SWINX_NATIVE", "1") != "0"
+needs_kernels = pytest.mark.skipif(not HAVE_CC, reason="no C compiler here: the kernels cannot be built")
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A library built into an empty cache folder, and the usual one back afterwards."""
+    monkeypatch.setenv("SWINX_CACHE", str(tmp_path))
+    native.reset()
+    yield tmp_path / "kernels"
+    native.reset()
+
+
+def reference(q, k, v, bias, scale):
+    """softmax(q k^T * scale + bias) v in float64, (B, nW, heads, N, D) -> (B, nW, N, heads * D)."""
+    q, k, v, bias = (t.double() for t in (q, k, v, bias))
+    B, nW, heads, N, D = q.shape
+    attn = torch.softmax((q * scale) @ k.transpose(-2, -1) + bias.reshape(1, -1, heads, N, N), dim=-1)
+    return (attn @ v).transpose(2, 3).reshape(B, nW, N, heads * D)
+
+
+@needs_kernels
+def test_the_kernels_build_where_there_is_a_compiler():
+    assert native.library() is not None, native.reason()
+    assert native.reason() == ""
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [(7, 7), (3, 5), (1, 1), (12, 12), (4, 16)])
+@pytest.mark.parametrize("head_dim", [32, 24, 16, 48])
+@pytest.mark.parametrize("per_window_bias", [False, True])
+def test_kernel_matches_softmax_attention(window, head_dim, per_window_bias):
+    """q, k, v read straight out of a qkv layer's (B, nW, N, 3, heads, D) output, as the model does;
+    the bias carries a shift mask (-100) and some -inf keys (never a whole row)."""
+    torch.manual_seed(sum(window) * head_dim + per_window_bias)
+    B, nW, heads, N, D = 2, 3, 3, window[0] * window[1], head_dim
+    qkv = torch.randn(B, nW, N, 3 * heads * D) * 2
+    q, k, v = qkv.view(B, nW, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    bias = torch.randn(nW if per_window_bias else 1, heads, N, N)
+    if N > 2:
+        bias[..., : N // 2, -1] = -100.0
+        bias[..., 1, 0] = float("-inf")
+    out = attention._native_attention(q, k, v, attention.pad_keys(bias), D**-0.5)
+    assert out.shape == (B, nW, N, heads * D) and out.is_contiguous()
+    assert max_diff(out.double(), reference(q, k, v, bias, D**-0.5)) < 2e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_takes_any_strides_and_thread_count(threads):
+    """Contiguous (B, nW, heads, N, D) tensors and permuted ones give the same answer, on any team size."""
+    torch.manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        B, nW, heads, N, D = 2, 4, 6, 49, 32
+        q, k, v = (torch.randn(B, nW, heads, N, D) for _ in range(3))
+        permuted = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v)]
+        bias = torch.randn(1, heads, N, N)
+        a = attention._native_attention(q, k, v, attention.pad_keys(bias), 0.3)
+        b = attention._native_attention(*permuted, attention.pad_keys(bias), 0.3)
+        assert max_diff(a, b) == 0
+        assert max_diff(a.double(), reference(q, k, v, bias, 0.3)) < 2e-5
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_kernel_runs_on_pytorchs_thread_team():
+    """One OpenMP runtime in the process: calling the kernel starts no threads of its own."""
+    torch.set_num_threads(2)
+    x = torch.randn(512, 512)
+    (x @ x).sum()  # PyTorch's team is up
+    tasks = len(os.listdir("/proc/self/task"))
+    q = torch.randn(2, 4, 3, 49, 32)
+    attention._native_attention(q, q, q, attention.pad_keys(torch.zeros(1, 3, 49, 49)), 0.2)
+    assert len(os.listdir("/proc/self/task")) == tasks
+
+
+def tiny(version: int = 1) -> SwinTransformer:
+    torch.manual_seed(version)
+    config = SwinConfig(
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=7,
+        num_classes=10,
+        version=version,
+        pretrained_window_sizes=(0, 0),
+    )
+    model = SwinTransformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", [1, 2])
+def test_model_inference_goes_through_the_kernel_and_agrees(version, monkeypatch):
+    """Eager float32 inference calls the kernel in every block (shifted ones included, at a size that
+    pads); training, plain_ops() and the exact path do not, and all agree."""
+    calls = []
+    kernel = attention._native_attention
+    monkeypatch.setattr(attention, "_native_attention", lambda *a: calls.append(1) or kernel(*a))
+    model = tiny(version)
+    x = torch.randn(2, 3, 100, 132)
+    with torch.inference_mode():
+        fast = model(x)
+    assert len(calls) == sum(model.config.depths)
+    with torch.inference_mode(), ops.plain_ops():
+        plain = model(x)
+    model.set_fused_attn(False)
+    with torch.inference_mode():
+        exact = model(x)
+    model.set_fused_attn(True)
+    model.train()
+    model(x)
+    assert len(calls) == sum(model.config.depths)  # none in training, nor under plain_ops or exact
+    assert max_diff(fast, plain) < 1e-5 and max_diff(fast, exact) < 1e-5
+
+
+@needs_kernels
+def test_the_built_library_is_reused_and_no_partial_file_is_left(fresh_build):
+    assert native.library() is not None, native.reason()
+    built = list(fresh_build.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    native.reset()
+    assert native.library() is not None
+    assert list(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_the_model_runs_pytorchs_kernels(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.library() is None
+    assert "no C compiler" in native.reason() and "/nonexistent/cc" in native.reason()
+    model = tiny()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.inference_mode():
+        fused = model(x)
+        model.set_fused_attn(False)
+        exact = model(x)
+    assert max_diff(fused, exact) < 1e-5
+
+
+def test_a_failed_build_is_reported_and_leaves_nothing(fresh_build, monkeypatch, tmp_path):
+    failing = tmp_path / "cc"
+    failing.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo broken 1.0; exit 0; }\necho 'no such flag' >&2\nexit 1\n"
+    )
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert native.library() is None
+    assert "could not build" in native.reason() and "no such flag" in native.reason()
+    assert not fresh_build.exists() or not list(fresh_build.iterdir())
+
+
+def test_swinx_native_0_turns_the_kernels_off(fresh_build, monkeypatch):
+    monkeypatch.setenv("SWINX_NATIVE", "0")
+    assert native.library() is None and native.reason() == "SWINX_NATIVE=0"
