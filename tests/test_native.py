@@ -36,6 +36,11 @@ def reference(q, k, v, bias, scale):
     return (attn @ v).transpose(2, 3).reshape(B, nW, N, heads * D)
 
 
+def windows_of(t, tokens, nW, N):
+    """(B, L, heads, D) map tokens -> (B, nW, heads, N, D) windows, by the `tokens` table."""
+    return t[:, tokens].unflatten(1, (nW, N)).transpose(2, 3)
+
+
 @needs_kernels
 def test_the_kernels_build_where_there_is_a_compiler():
     assert native.library() is not None, native.reason()
@@ -47,37 +52,40 @@ def test_the_kernels_build_where_there_is_a_compiler():
 @pytest.mark.parametrize("head_dim", [32, 24, 16, 48])
 @pytest.mark.parametrize("per_window_bias", [False, True])
 def test_kernel_matches_softmax_attention(window, head_dim, per_window_bias):
-    """q, k, v read straight out of a qkv layer's (B, nW, N, 3, heads, D) output, as the model does;
-    the bias carries a shift mask (-100) and some -inf keys (never a whole row)."""
+    """q, k, v read straight out of a qkv layer's (B, L, 3, heads, D) output for a whole map, windows
+    cut by a shuffled token table (as a roll and partition would), the output written back in map
+    order; the bias carries a shift mask (-100) and some -inf keys (never a whole row)."""
     torch.manual_seed(sum(window) * head_dim + per_window_bias)
     B, nW, heads, N, D = 2, 3, 3, window[0] * window[1], head_dim
-    qkv = torch.randn(B, nW, N, 3 * heads * D) * 2
-    q, k, v = qkv.view(B, nW, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    L = nW * N
+    qkv = torch.randn(B, L, 3, heads, D) * 2
+    q, k, v = qkv.unbind(2)
+    tokens = torch.randperm(L)
     bias = torch.randn(nW if per_window_bias else 1, heads, N, N)
     if N > 2:
         bias[..., : N // 2, -1] = -100.0
         bias[..., 1, 0] = float("-inf")
-    out = attention._native_attention(q, k, v, attention.pad_keys(bias), D**-0.5)
-    assert out.shape == (B, nW, N, heads * D) and out.is_contiguous()
-    assert max_diff(out.double(), reference(q, k, v, bias, D**-0.5)) < 2e-5
+    out = attention._native_attention(q, k, v, tokens, attention.pad_keys(bias), D**-0.5)
+    assert out.shape == (B, L, heads * D) and out.is_contiguous()
+    expected = torch.empty(B, L, heads * D, dtype=torch.float64)
+    expected[:, tokens] = reference(*(windows_of(t, tokens, nW, N) for t in (q, k, v)), bias, D**-0.5).flatten(1, 2)
+    assert max_diff(out.double(), expected) < 2e-5
 
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_takes_any_strides_and_thread_count(threads):
-    """Contiguous (B, nW, heads, N, D) tensors and permuted ones give the same answer, on any team size."""
+    """Contiguous (B, L, heads, D) tensors and views of a qkv output give the same answer, on any team size."""
     torch.manual_seed(threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        B, nW, heads, N, D = 2, 4, 6, 49, 32
-        q, k, v = (torch.randn(B, nW, heads, N, D) for _ in range(3))
-        permuted = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v)]
-        bias = torch.randn(1, heads, N, N)
-        a = attention._native_attention(q, k, v, attention.pad_keys(bias), 0.3)
-        b = attention._native_attention(*permuted, attention.pad_keys(bias), 0.3)
+        B, L, heads, N, D = 2, 4 * 49, 6, 49, 32
+        q, k, v = torch.randn(B, L, 3, heads, D).unbind(2)
+        tokens, bias = torch.arange(L), attention.pad_keys(torch.randn(1, heads, N, N))
+        a = attention._native_attention(q, k, v, tokens, bias, 0.3)
+        b = attention._native_attention(q.contiguous(), k.contiguous(), v.contiguous(), tokens, bias, 0.3)
         assert max_diff(a, b) == 0
-        assert max_diff(a.double(), reference(q, k, v, bias, 0.3)) < 2e-5
     finally:
         torch.set_num_threads(before)
 
@@ -89,8 +97,8 @@ def test_kernel_runs_on_pytorchs_thread_team():
     x = torch.randn(512, 512)
     (x @ x).sum()  # PyTorch's team is up
     tasks = len(os.listdir("/proc/self/task"))
-    q = torch.randn(2, 4, 3, 49, 32)
-    attention._native_attention(q, q, q, attention.pad_keys(torch.zeros(1, 3, 49, 49)), 0.2)
+    q = torch.randn(2, 4 * 49, 3, 32)
+    attention._native_attention(q, q, q, torch.arange(4 * 49), attention.pad_keys(torch.zeros(1, 3, 49, 49)), 0.2)
     assert len(os.listdir("/proc/self/task")) == tasks
 
 

@@ -42,19 +42,23 @@ def _fused_attention(q, k, v, bias, scale: float, drop: float) -> torch.Tensor:
     return out.view(B, nW, heads, N, D)
 
 
-def _native_attention(q, k, v, bias, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c); q, k, v
-    (B, nW, heads, N, D) float32 views with the last dimension contiguous, bias (1 or nW, heads, N,
-    NP) padded with -inf (`pad_keys`). Returns (B, nW, N, heads * D), the layout the projection reads."""
-    B, nW, heads, N, D = q.shape
-    out = torch.empty(B, nW, N, heads * D, dtype=q.dtype)
+def _native_attention(q, k, v, tokens, bias, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c) for the windows
+    that `tokens` (nW * N,) cuts from a map of L tokens: q, k, v (B, L, heads, D) float32 views with
+    the last dimension contiguous, bias (1 or nW, heads, N, NP) padded with -inf (`pad_keys`).
+    Returns (B, L, heads * D), each token's output in its place in the map."""
+    B, L, heads, D = q.shape
+    N = bias.shape[-2]
+    out = torch.empty(B, L, heads * D, dtype=q.dtype)
 
     def strides(t):
-        return (ctypes.c_int64 * 4)(*t.stride()[:4])
+        return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
+    out_strides = (ctypes.c_int64 * 3)(L * heads * D, heads * D, D)
     failed = native.library().swinx_window_attention_f32(
-        q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v),
-        bias.data_ptr(), bias.shape[0], out.data_ptr(), B, nW, heads, N, D, scale, torch.get_num_threads(),
+        q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v), tokens.data_ptr(),
+        bias.data_ptr(), bias.shape[0], out.data_ptr(), out_strides, B, tokens.numel() // N, heads, N, D, scale,
+        torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("window attention: could not allocate its per-thread buffers")
@@ -65,22 +69,6 @@ def pad_keys(bias: torch.Tensor) -> torch.Tensor:
     """(.., N, N) -> (.., N, NP) contiguous, NP = N rounded up to 16, -inf in the added key columns."""
     N = bias.shape[-1]
     return F.pad(bias, (0, -N % 16), value=float("-inf")).contiguous()
-
-
-def _native_takes(q, k, v, bias, drop: float) -> bool:
-    """Whether the C kernel can run this call: eager CPU float32 inference, no dropout, and the
-    kernels built (`native.library()`)."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and bias.dtype == torch.float32
-        and drop == 0.0
-        and ops.native_enabled()
-        and caching_allowed()
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)))
-        and all(t.stride(-1) == 1 for t in (q, k, v))
-        and native.library() is not None
-    )
 
 
 class WindowAttention(nn.Module):
@@ -246,23 +234,10 @@ class WindowAttention(nn.Module):
         and mask of `geometry` (exported graphs, see `indexed_bias`).
         """
         B, nW, N, C = x.shape
-        heads, D = self.num_heads, self.head_dim
-        qkv_bias = self.qkv.bias
-        if self.version == 2 and self.q_bias is not None:
-            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = ops.linear(x, self.qkv.weight, qkv_bias, fast=self.fused)
-        q, k, v = qkv.view(B, nW, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5).unbind(0)  # 3 x (B, nW, heads, N, D)
-        if self.version == 2:
-            tau = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
-            q, k, scale = F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), 1.0
-        else:
-            scale = D**-0.5
-        given = bias is not None
+        q, k, v, scale = self._qkv(x)  # 3 x (B, nW, N, heads, D)
+        q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # 3 x (B, nW, heads, N, D)
         bias = self.attention_bias(geometry, padded, q.dtype) if bias is None else bias.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
-        if self.fused and not return_attn and not given and _native_takes(q, k, v, bias, drop):
-            out = _native_attention(q, k, v, self._padded(bias, geometry, padded), scale)
-            return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
 
         attn = None
         if self.fused and not return_attn and self._fused_pays(q, k, v, bias, scale):
@@ -273,6 +248,47 @@ class WindowAttention(nn.Module):
         out = out.transpose(2, 3).reshape(B, nW, N, C)
         out = self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
         return (out, attn) if return_attn else out
+
+    def _qkv(self, x: torch.Tensor):
+        """q, k, v (..., heads, D) views of the qkv layer's output for tokens x (..., C), V2's q and k
+        normalised (q times the temperature), and the scale of q k^T."""
+        heads, D = self.num_heads, self.head_dim
+        qkv_bias = self.qkv.bias
+        if self.version == 2 and self.q_bias is not None:
+            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = ops.linear(x, self.qkv.weight, qkv_bias, fast=self.fused)
+        q, k, v = qkv.view(*x.shape[:-1], 3, heads, D).unbind(-3)
+        if self.version == 1:
+            return q, k, v, D**-0.5
+        tau = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp().view(heads, 1)
+        return F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), v, 1.0
+
+    def native_takes(self, x: torch.Tensor) -> bool:
+        """Whether `attend_map` can run on x: eager CPU float32 inference without dropout, with swinx's
+        C kernels built (`native.library()`)."""
+        return (
+            self.fused
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and ops.native_enabled()
+            and caching_allowed()
+            and not (self.training and self.attn_drop)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+            and native.library() is not None
+        )
+
+    def attend_map(
+        self, x: torch.Tensor, tokens: torch.Tensor, geometry: WindowGeometry, padded: tuple[int, int]
+    ) -> torch.Tensor:
+        """Window attention over a whole padded map x (B, L, C) by the C kernel (`native_takes`):
+        `tokens` (nW * N,) lists each window's tokens (the roll and partition, `window_order`). Returns
+        (B, L, C) in map order: the same numbers as forward() on the gathered windows, without the
+        gathers."""
+        q, k, v, scale = self._qkv(x)  # 3 x (B, L, heads, D)
+        bias = self._padded(self.attention_bias(geometry, padded, q.dtype), geometry, padded)
+        out = _native_attention(q, k, v, tokens, bias, scale)
+        return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
 
     def _fused_pays(self, q, k, v, bias, scale) -> bool:
         """Whether the fused kernel is the faster path here. CPU training with a bias that needs a

@@ -83,7 +83,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     fn = lib.swinx_window_attention_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [P, P, P, P, P, P, P, I64, P, I64, I64, I64, I64, I64, ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [P, P, P, P, P, P, P, P, I64, P, P, I64, I64, I64, I64, I64, ctypes.c_float, ctypes.c_int]
 
 
 def library() -> ctypes.CDLL | None:

@@ -16,6 +16,7 @@ from swinx.model import ops
 from swinx.model.attention import WindowAttention, caching_allowed
 from swinx.model.config import SwinConfig
 from swinx.model.windows import (
+    WindowGeometry,
     cyclic_shift,
     pad_map,
     permute_tokens,
@@ -155,6 +156,12 @@ class SwinBlock(nn.Module):
         geometry = window_geometry(H, W, self.window_size, self.shift_size, self.small_map)
         padded = (H + geometry.pad[0], W + geometry.pad[1])
         x = pad_map(x, geometry.pad)
+        if not return_attn and self.attn.native_takes(x):  # the C kernel reads and writes the map in place
+            tokens = self.attn._cached(
+                ("tokens", padded, geometry, x.device), lambda: self._tokens(geometry, padded, x)
+            )
+            x = self.attn.attend_map(x.reshape(B, -1, C), tokens, geometry, padded).view(B, *padded, C)
+            return self._finish(x, H, W, padded, None, post_norm, return_attn)
         order = self._window_order(geometry, padded, x.device)
         if order is not None:  # eager with a shift: roll and partition as one gather
             N = geometry.window[0] * geometry.window[1]
@@ -167,6 +174,15 @@ class SwinBlock(nn.Module):
             x = permute_tokens(windows.reshape(B, -1, C), order[1], order[0]).view(B, *padded, C)
         else:
             x = cyclic_shift(window_reverse(windows, geometry.window, *padded), geometry.shift, reverse=True)
+        return self._finish(x, H, W, padded, attn, post_norm, return_attn)
+
+    @staticmethod
+    def _tokens(geometry: WindowGeometry, padded: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        return window_order(*padded, geometry, x.device)[0].contiguous()
+
+    @staticmethod
+    def _finish(x, H, W, padded, attn, post_norm, return_attn):
+        """V2's post-norm, then the crop back to (H, W)."""
         if post_norm is not None:  # V2's norm is per token: applied before the crop, on a contiguous map
             x = post_norm(x)
         if torch.compiler.is_compiling():

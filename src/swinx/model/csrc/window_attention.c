@@ -9,12 +9,13 @@
  * leaving the L1 cache. Vectors are GCC's generic vector extension, so the same source compiles to
  * AVX-512, AVX2 or NEON at whatever -march the build gives.
  *
- * Layout: element d of token i of head h of window w of image b is at
- *   base[b * s[0] + w * s[1] + h * s[2] + i * s[3] + d]
- * for q, k, v (any strides, the last dimension contiguous), so the three can be read straight out
- * of the qkv linear's (B, nW, N, 3, heads, D) output. The bias is (nb, heads, N, N) contiguous with
- * nb = 1 (one bias for every window) or nb = nW. The output is written as (B, nW, N, heads, D),
- * the layout the output projection reads.
+ * Layout: tokens[w * N + i] is the row, within its image, of token i of window w, and element d of
+ * head h of row t of image b is at base[b * s[0] + t * s[1] + h * s[2] + d] for q, k, v and out (the
+ * last dimension contiguous). So the kernel reads q, k and v straight out of the qkv layer's output
+ * for the whole (padded) map, (B, H * W, 3, heads, D), and writes each token's output back to its
+ * place in the map: the roll, the window partition and their inverses are the `tokens` table, not
+ * copies. The bias is (nb, heads, N, NP) contiguous, NP = N rounded up to a multiple of 16 and -inf
+ * past N, with nb = 1 (one bias for every window) or nb = nW.
  */
 #include <math.h>
 #include <stdint.h>
@@ -101,8 +102,8 @@ struct unit {
 
 /* Scores, softmax and output for R query rows (1 <= R <= ROWS) of one unit. The bias rows are NP
  * long, -inf past N. */
-static inline __attribute__((always_inline)) void rows_block(const struct unit *u, int R, const float *q, int64_t q_row,
-                                                             const float *bias, float *out, int64_t out_row,
+static inline __attribute__((always_inline)) void rows_block(const struct unit *u, int R, const float *const *q,
+                                                             const float *bias, float *const *out,
                                                              float *scores /* (ROWS, NP) */) {
     const int NP = u->NP, D = u->D, N = u->N, DP = u->DP;
     vf mx[ROWS];
@@ -115,7 +116,7 @@ static inline __attribute__((always_inline)) void rows_block(const struct unit *
                 const float *kd = u->kt + (int64_t)d * NP + c0;
                 vf k0 = load(kd), k1 = load(kd + LANES), k2 = load(kd + 2 * LANES), k3 = load(kd + 3 * LANES);
                 for (int r = 0; r < R; r++) {
-                    vf qd = splat(q[r * q_row + d]);
+                    vf qd = splat(q[r][d]);
                     acc[r][0] += qd * k0;
                     acc[r][1] += qd * k1;
                     acc[r][2] += qd * k2;
@@ -126,7 +127,7 @@ static inline __attribute__((always_inline)) void rows_block(const struct unit *
             for (int d = 0; d < D; d++) {
                 const float *kd = u->kt + (int64_t)d * NP + c0;
                 for (int r = 0; r < R; r++) {
-                    vf qd = splat(q[r * q_row + d]);
+                    vf qd = splat(q[r][d]);
                     for (int t = 0; t < tiles; t++) acc[r][t] += qd * load(kd + t * LANES);
                 }
             }
@@ -164,7 +165,7 @@ static inline __attribute__((always_inline)) void rows_block(const struct unit *
             }
         }
         for (int r = 0; r < R; r++) {
-            float *o = out + r * out_row + c0;
+            float *o = out[r] + c0;
             vf a[2] = {acc[r][0] * splat(inv[r]), acc[r][1] * splat(inv[r])};
             for (int t = 0; t < 1 + two; t++) {
                 const int c = c0 + t * LANES;
@@ -180,8 +181,9 @@ static inline __attribute__((always_inline)) void rows_block(const struct unit *
 static inline int pad(int n) { return (n + LANES - 1) / LANES * LANES; }
 
 int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v,
-                               const int64_t *vs, const float *bias, int64_t bias_windows, float *out, int64_t B,
-                               int64_t nW, int64_t heads, int64_t N, int64_t D, float scale, int threads) {
+                               const int64_t *vs, const int64_t *tokens, const float *bias, int64_t bias_windows,
+                               float *out, const int64_t *os, int64_t B, int64_t nW, int64_t heads, int64_t N,
+                               int64_t D, float scale, int threads) {
     const int NP = pad((int)N), DP = pad((int)D);
     const int64_t units = B * nW * heads;
     int failed = 0;
@@ -196,34 +198,42 @@ int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k
             memset(buf, 0, sizeof(float) * ((size_t)DP * NP + (size_t)N * DP));
 #pragma omp for schedule(static)
             for (int64_t unit_id = 0; unit_id < units; unit_id++) {
-                const int64_t h = unit_id % heads, bw = unit_id / heads, w = bw % nW, b = bw / nW;
-                const float *qu = q + b * qs[0] + w * qs[1] + h * qs[2];
-                const float *ku = k + b * ks[0] + w * ks[1] + h * ks[2];
-                const float *vu = v + b * vs[0] + w * vs[1] + h * vs[2];
+                const int64_t h = unit_id % heads, w = unit_id / heads % nW, b = unit_id / heads / nW;
+                const int64_t *rows = tokens + w * N; /* this window's tokens */
+                const float *qu = q + b * qs[0] + h * qs[2], *ku = k + b * ks[0] + h * ks[2];
+                const float *vu = v + b * vs[0] + h * vs[2];
+                float *ou = out + b * os[0] + h * os[2];
                 /* The next unit's rows, fetched a block of rows at a time while this unit computes. */
                 const int64_t next = unit_id + 1 < units ? unit_id + 1 : unit_id;
                 const int64_t h1 = next % heads, w1 = next / heads % nW, b1 = next / heads / nW;
-                const float *q1 = q + b1 * qs[0] + w1 * qs[1] + h1 * qs[2];
-                const float *k1 = k + b1 * ks[0] + w1 * ks[1] + h1 * ks[2];
-                const float *v1 = v + b1 * vs[0] + w1 * vs[1] + h1 * vs[2];
+                const int64_t *rows1 = tokens + w1 * N;
+                const float *q1 = q + b1 * qs[0] + h1 * qs[2], *k1 = k + b1 * ks[0] + h1 * ks[2];
+                const float *v1 = v + b1 * vs[0] + h1 * vs[2];
                 for (int d = 0; d < D; d++)
-                    for (int i = 0; i < N; i++) kt[(int64_t)d * NP + i] = ku[i * ks[3] + d];
-                for (int i = 0; i < N; i++) memcpy(vv + (int64_t)i * DP, vu + i * vs[3], sizeof(float) * D);
+                    for (int i = 0; i < N; i++) kt[(int64_t)d * NP + i] = ku[rows[i] * ks[1] + d];
+                for (int i = 0; i < N; i++) memcpy(vv + (int64_t)i * DP, vu + rows[i] * vs[1], sizeof(float) * D);
                 const struct unit u = {(int)N, NP, (int)D, DP, scale, kt, vv};
                 const float *bu = bias + ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
-                float *ou = out + (bw * N * heads + h) * D;
-                const int64_t out_row = heads * D;
-                int i = 0;
-                for (; i + ROWS <= N; i += ROWS) {
-                    for (int r = i; r < i + ROWS; r++)
+                for (int i = 0; i < N;) {
+                    const int R = N - i >= ROWS ? ROWS : 1;
+                    for (int r = i; r < i + R; r++)
                         for (int d = 0; d < D; d += 64 / sizeof(float)) {
-                            __builtin_prefetch(q1 + r * qs[3] + d);
-                            __builtin_prefetch(k1 + r * ks[3] + d);
-                            __builtin_prefetch(v1 + r * vs[3] + d);
+                            __builtin_prefetch(q1 + rows1[r] * qs[1] + d);
+                            __builtin_prefetch(k1 + rows1[r] * ks[1] + d);
+                            __builtin_prefetch(v1 + rows1[r] * vs[1] + d);
                         }
-                    rows_block(&u, ROWS, qu + i * qs[3], qs[3], bu + i * NP, ou + i * out_row, out_row, scores);
+                    const float *qrows[ROWS];
+                    float *orows[ROWS];
+                    for (int r = 0; r < R; r++) {
+                        qrows[r] = qu + rows[i + r] * qs[1];
+                        orows[r] = ou + rows[i + r] * os[1];
+                    }
+                    if (R == ROWS)
+                        rows_block(&u, ROWS, qrows, bu + (int64_t)i * NP, orows, scores);
+                    else
+                        rows_block(&u, 1, qrows, bu + (int64_t)i * NP, orows, scores);
+                    i += R;
                 }
-                for (; i < N; i++) rows_block(&u, 1, qu + i * qs[3], qs[3], bu + i * NP, ou + i * out_row, out_row, scores);
             }
             free(buf);
         }
