@@ -4,6 +4,7 @@ replaced by PyTorch's kernels where it cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -73,6 +74,29 @@ def test_kernel_matches_softmax_attention(window, head_dim, per_window_bias):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(4, 3, 49, 32), (3, 2, 15, 24), (2, 2, 144, 16), (2, 1, 1, 16)])
+@pytest.mark.parametrize("per_window_bias", [False, True])
+def test_kernel_gradients_match_softmax_attention(shape, per_window_bias):
+    """The backward (probabilities recomputed from the saved log-sum-exp) against autograd through the
+    plain math: q, k, v through a shared qkv tensor, the bias through its padding, shuffled tokens."""
+    nW, heads, N, D = shape
+    torch.manual_seed(N * D + per_window_bias)
+    B, L = 2, nW * N
+    qkv = torch.randn(B, L, 3, heads, D, requires_grad=True)
+    table = torch.randn(nW if per_window_bias else 1, heads, N, N, requires_grad=True)
+    tokens, grad = torch.randperm(L), torch.randn(B, L, heads * D)
+    q, k, v = qkv.unbind(2)
+    attention._native_attention(q, k, v, tokens, attention.pad_keys(table), D**-0.5).backward(grad)
+    ours = qkv.grad.clone(), table.grad.clone()
+    qkv.grad = table.grad = None
+    expected = torch.empty(B, L, heads * D)
+    windows = [windows_of(t, tokens, nW, N) for t in qkv.unbind(2)]
+    expected[:, tokens] = reference(*windows, table, D**-0.5).flatten(1, 2).float()
+    expected.backward(grad)
+    assert max_diff(ours[0], qkv.grad) < 1e-5 and max_diff(ours[1], table.grad) < 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_takes_any_strides_and_thread_count(threads):
     """Contiguous (B, L, heads, D) tensors and views of a qkv output give the same answer, on any team size."""
@@ -122,27 +146,35 @@ def tiny(version: int = 1) -> SwinTransformer:
 
 @needs_kernels
 @pytest.mark.parametrize("version", [1, 2])
-def test_model_inference_goes_through_the_kernel_and_agrees(version, monkeypatch):
-    """Eager float32 inference calls the kernel in every block (shifted ones included, at a size that
-    pads); training, plain_ops() and the exact path do not, and all agree."""
+def test_model_goes_through_the_kernel_and_agrees(version, monkeypatch):
+    """Eager float32 inference and training call the kernel in every block (shifted ones included, at
+    a size that pads); plain_ops() and the exact path do not; outputs and gradients agree."""
     calls = []
     kernel = attention._native_attention
     monkeypatch.setattr(attention, "_native_attention", lambda *a: calls.append(1) or kernel(*a))
     model = tiny(version)
+    blocks = sum(model.config.depths)
     x = torch.randn(2, 3, 100, 132)
     with torch.inference_mode():
         fast = model(x)
-    assert len(calls) == sum(model.config.depths)
+    assert len(calls) == blocks
     with torch.inference_mode(), ops.plain_ops():
         plain = model(x)
-    model.set_fused_attn(False)
-    with torch.inference_mode():
-        exact = model(x)
-    model.set_fused_attn(True)
+    assert len(calls) == blocks
+    assert max_diff(fast, plain) < 1e-5
+
     model.train()
-    model(x)
-    assert len(calls) == sum(model.config.depths)  # none in training, nor under plain_ops or exact
-    assert max_diff(fast, plain) < 1e-5 and max_diff(fast, exact) < 1e-5
+    grads = {}
+    for kernels in (True, False):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same stochastic depth draws
+        with contextlib.nullcontext() if kernels else ops.plain_ops():
+            model(x).square().sum().backward()
+        grads[kernels] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == 2 * blocks
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    for name, g in grads[True].items():
+        assert max_diff(g, grads[False][name]) <= 1e-4 * max(1.0, grads[False][name].abs().max().item()), name
 
 
 @needs_kernels

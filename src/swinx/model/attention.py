@@ -42,27 +42,72 @@ def _fused_attention(q, k, v, bias, scale: float, drop: float) -> torch.Tensor:
     return out.view(B, nW, heads, N, D)
 
 
-def _native_attention(q, k, v, tokens, bias, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c) for the windows
-    that `tokens` (nW * N,) cuts from a map of L tokens: q, k, v (B, L, heads, D) float32 views with
-    the last dimension contiguous, bias (1 or nW, heads, N, NP) padded with -inf (`pad_keys`).
-    Returns (B, L, heads * D), each token's output in its place in the map."""
-    B, L, heads, D = q.shape
+def _strides(t: torch.Tensor):
+    return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+
+def _sizes(q: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor, scale: float) -> tuple:
+    B, _, heads, D = q.shape
     N = bias.shape[-2]
-    out = torch.empty(B, L, heads * D, dtype=q.dtype)
+    return B, tokens.numel() // N, heads, N, D, scale, torch.get_num_threads()
 
-    def strides(t):
-        return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
-    out_strides = (ctypes.c_int64 * 3)(L * heads * D, heads * D, D)
+def _kernel_forward(q, k, v, tokens, bias, scale: float, lse: torch.Tensor | None) -> torch.Tensor:
+    B, L, heads, D = q.shape
+    out = torch.empty(B, L, heads, D, dtype=q.dtype)
     failed = native.library().swinx_window_attention_f32(
-        q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v), tokens.data_ptr(),
-        bias.data_ptr(), bias.shape[0], out.data_ptr(), out_strides, B, tokens.numel() // N, heads, N, D, scale,
-        torch.get_num_threads(),
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), tokens.data_ptr(),
+        bias.data_ptr(), bias.shape[0], out.data_ptr(), _strides(out), None if lse is None else lse.data_ptr(),
+        *_sizes(q, tokens, bias, scale),
     )  # fmt: skip
     if failed:
         raise MemoryError("window attention: could not allocate its per-thread buffers")
     return out
+
+
+class _KernelAttention(torch.autograd.Function):
+    """The C kernel with its backward: saves q, k, v (views of the qkv output, no copies), the output
+    and one log-sum-exp per query row, not the (N, N) probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tokens, bias, scale):
+        B, L, heads, _ = q.shape
+        lse = torch.empty(B, tokens.numel() // bias.shape[-2], heads, bias.shape[-2])
+        out = _kernel_forward(q, k, v, tokens, bias, scale, lse)
+        ctx.save_for_backward(q, k, v, tokens, bias, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, tokens, bias, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        B, L, heads, D = q.shape
+        dqkv = torch.empty(B, L, 3, heads, D, dtype=q.dtype)
+        dq, dk, dv = dqkv.unbind(2)
+        dbias = torch.zeros_like(bias)
+        failed = native.library().swinx_window_attention_backward_f32(
+            q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), tokens.data_ptr(),
+            bias.data_ptr(), bias.shape[0], out.data_ptr(), _strides(out), grad.data_ptr(), _strides(grad),
+            lse.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk), dv.data_ptr(), _strides(dv),
+            dbias.data_ptr(), *_sizes(q, tokens, bias, ctx.scale),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("window attention backward: could not allocate its per-thread buffers")
+        return dq, dk, dv, None, dbias if ctx.needs_input_grad[4] else None, None
+
+
+def _native_attention(q, k, v, tokens, bias, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c) for the windows
+    that `tokens` (nW * N,) cuts from a map of L tokens: q, k, v (B, L, heads, D) float32 views with
+    the last dimension contiguous, bias (1 or nW, heads, N, NP) padded with -inf (`pad_keys`).
+    Returns (B, L, heads * D), each token's output in its place in the map; differentiable."""
+    B, L, heads, D = q.shape
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+        out = _KernelAttention.apply(q, k, v, tokens, bias, scale)
+    else:
+        out = _kernel_forward(q, k, v, tokens, bias, scale, None)
+    return out.view(B, L, heads * D)
 
 
 def pad_keys(bias: torch.Tensor) -> torch.Tensor:
@@ -264,8 +309,8 @@ class WindowAttention(nn.Module):
         return F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), v, 1.0
 
     def native_takes(self, x: torch.Tensor) -> bool:
-        """Whether `attend_map` can run on x: eager CPU float32 inference without dropout, with swinx's
-        C kernels built (`native.library()`)."""
+        """Whether `attend_map` can run on x: eager CPU float32, inference or training without attention
+        dropout, with swinx's C kernels built (`native.library()`)."""
         return (
             self.fused
             and x.device.type == "cpu"
@@ -274,7 +319,6 @@ class WindowAttention(nn.Module):
             and ops.native_enabled()
             and caching_allowed()
             and not (self.training and self.attn_drop)
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
             and native.library() is not None
         )
 
@@ -286,7 +330,8 @@ class WindowAttention(nn.Module):
         (B, L, C) in map order: the same numbers as forward() on the gathered windows, without the
         gathers."""
         q, k, v, scale = self._qkv(x)  # 3 x (B, L, heads, D)
-        bias = self._padded(self.attention_bias(geometry, padded, q.dtype), geometry, padded)
+        bias = self.attention_bias(geometry, padded, q.dtype)
+        bias = pad_keys(bias) if bias.requires_grad else self._padded(bias, geometry, padded)
         out = _native_attention(q, k, v, tokens, bias, scale)
         return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
 

@@ -81,9 +81,13 @@ def _library_path(cc: str) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    fn = lib.swinx_window_attention_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [P, P, P, P, P, P, P, P, I64, P, P, I64, I64, I64, I64, I64, ctypes.c_float, ctypes.c_int]
+    sizes = [I64] * 5 + [ctypes.c_float, ctypes.c_int]  # B, nW, heads, N, D, scale, threads
+    forward = lib.swinx_window_attention_f32
+    forward.restype = ctypes.c_int
+    forward.argtypes = [P] * 8 + [I64, P, P, P] + sizes
+    backward = lib.swinx_window_attention_backward_f32
+    backward.restype = ctypes.c_int
+    backward.argtypes = [P] * 8 + [I64] + [P] * 12 + sizes
 
 
 def library() -> ctypes.CDLL | None:

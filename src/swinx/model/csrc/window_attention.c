@@ -16,11 +16,19 @@
  * place in the map: the roll, the window partition and their inverses are the `tokens` table, not
  * copies. The bias is (nb, heads, N, NP) contiguous, NP = N rounded up to a multiple of 16 and -inf
  * past N, with nb = 1 (one bias for every window) or nb = nW.
+ *
+ * Training: the forward also writes each query row's log-sum-exp, and the backward recomputes the
+ * probabilities from it instead of keeping them (a (N, N) matrix per window and head), then
+ * computes dv = P^T do, dP = do v^T, dS = P (dP - rowsum(do * o)), dq = scale dS k,
+ * dk = scale dS^T q and the bias gradient dS, summed over images (and windows where nb = 1).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define LANES 16
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
@@ -93,19 +101,19 @@ static inline float hmax(vf v) {
     return v[0];
 }
 
+/* One unit's operands, copied into padded buffers: a (DP, NP) matrix is a transposed one, its padded
+ * rows and columns zero; a (N, DP) one keeps token rows, its padded dims zero. */
 struct unit {
     int N, NP, D, DP; /* tokens and head dim, each padded to a multiple of LANES */
     float scale;
-    const float *kt; /* (DP, NP): k transposed, padded keys zero */
-    const float *v;  /* (N, DP), padded dims zero */
 };
 
-/* Scores, softmax and output for R query rows (1 <= R <= ROWS) of one unit. The bias rows are NP
- * long, -inf past N. */
-static inline __attribute__((always_inline)) void rows_block(const struct unit *u, int R, const float *const *q,
-                                                             const float *bias, float *const *out,
-                                                             float *scores /* (ROWS, NP) */) {
-    const int NP = u->NP, D = u->D, N = u->N, DP = u->DP;
+/* acc[r][c] = scale * sum_d a[r][d] bt[d][c] + bias[r][c] for R rows (1 <= R <= ROWS) of a (rows of
+ * DP, read as scalars) against every column of bt (DP, NP), into out (R, NP); the row maxima into m. */
+static inline __attribute__((always_inline)) void products(const struct unit *u, int R, const float *a,
+                                                           const float *bt, const float *bias, float scale,
+                                                           float *out, float *m) {
+    const int NP = u->NP, D = u->D, DP = u->DP;
     vf mx[ROWS];
     for (int r = 0; r < R; r++) mx[r] = splat(-INFINITY);
     for (int c0 = 0; c0 < NP; c0 += COL_TILES * LANES) {
@@ -113,60 +121,59 @@ static inline __attribute__((always_inline)) void rows_block(const struct unit *
         vf acc[ROWS][COL_TILES] = {};
         if (tiles == COL_TILES) {
             for (int d = 0; d < D; d++) {
-                const float *kd = u->kt + (int64_t)d * NP + c0;
-                vf k0 = load(kd), k1 = load(kd + LANES), k2 = load(kd + 2 * LANES), k3 = load(kd + 3 * LANES);
+                const float *bd = bt + (int64_t)d * NP + c0;
+                vf b0 = load(bd), b1 = load(bd + LANES), b2 = load(bd + 2 * LANES), b3 = load(bd + 3 * LANES);
                 for (int r = 0; r < R; r++) {
-                    vf qd = splat(q[r][d]);
-                    acc[r][0] += qd * k0;
-                    acc[r][1] += qd * k1;
-                    acc[r][2] += qd * k2;
-                    acc[r][3] += qd * k3;
+                    vf ad = splat(a[r * DP + d]);
+                    acc[r][0] += ad * b0;
+                    acc[r][1] += ad * b1;
+                    acc[r][2] += ad * b2;
+                    acc[r][3] += ad * b3;
                 }
             }
         } else {
             for (int d = 0; d < D; d++) {
-                const float *kd = u->kt + (int64_t)d * NP + c0;
+                const float *bd = bt + (int64_t)d * NP + c0;
                 for (int r = 0; r < R; r++) {
-                    vf qd = splat(q[r][d]);
-                    for (int t = 0; t < tiles; t++) acc[r][t] += qd * load(kd + t * LANES);
+                    vf ad = splat(a[r * DP + d]);
+                    for (int t = 0; t < tiles; t++) acc[r][t] += ad * load(bd + t * LANES);
                 }
             }
         }
         for (int r = 0; r < R; r++)
             for (int t = 0; t < tiles; t++) {
                 const int c = c0 + t * LANES;
-                vf sc = acc[r][t] * splat(u->scale) + load(bias + r * NP + c);
+                vf sc = acc[r][t] * splat(scale);
+                if (bias) sc += load(bias + r * NP + c);
                 mx[r] = vmax(mx[r], sc);
-                store(scores + r * NP + c, sc);
+                store(out + r * NP + c, sc);
             }
     }
-    float inv[ROWS];
-    for (int r = 0; r < R; r++) {
-        float *s = scores + r * NP;
-        const vf m = splat(hmax(mx[r]));
-        vf sum = {};
-        for (int c = 0; c < NP; c += LANES) {
-            vf e = exp_nonpositive(load(s + c) - m);
-            store(s + c, e);
-            sum += e;
-        }
-        inv[r] = 1.0f / hsum(sum);
-    }
+    if (m)
+        for (int r = 0; r < R; r++) m[r] = hmax(mx[r]);
+}
+
+/* out[r] = scale[r] * sum_j w[r][j] src[j] for R rows of weights w (rows of NP) and src (N, DP): R
+ * output rows of D values, each written through its own pointer. */
+static inline __attribute__((always_inline)) void weighted(const struct unit *u, int R, const float *w,
+                                                           const float *src, const float *scale,
+                                                           float *const *out) {
+    const int NP = u->NP, D = u->D, N = u->N, DP = u->DP;
     for (int c0 = 0; c0 < DP; c0 += 2 * LANES) {
         const int two = DP - c0 >= 2 * LANES;
         vf acc[ROWS][2] = {};
         for (int j = 0; j < N; j++) {
-            const float *vj = u->v + (int64_t)j * DP + c0;
-            vf v0 = load(vj), v1 = two ? load(vj + LANES) : splat(0.0f);
+            const float *sj = src + (int64_t)j * DP + c0;
+            vf s0 = load(sj), s1 = two ? load(sj + LANES) : splat(0.0f);
             for (int r = 0; r < R; r++) {
-                vf p = splat(scores[r * NP + j]);
-                acc[r][0] += p * v0;
-                acc[r][1] += p * v1;
+                vf p = splat(w[r * NP + j]);
+                acc[r][0] += p * s0;
+                acc[r][1] += p * s1;
             }
         }
         for (int r = 0; r < R; r++) {
             float *o = out[r] + c0;
-            vf a[2] = {acc[r][0] * splat(inv[r]), acc[r][1] * splat(inv[r])};
+            vf a[2] = {acc[r][0] * splat(scale[r]), acc[r][1] * splat(scale[r])};
             for (int t = 0; t < 1 + two; t++) {
                 const int c = c0 + t * LANES;
                 if (c + LANES <= D)
@@ -178,65 +185,243 @@ static inline __attribute__((always_inline)) void rows_block(const struct unit *
     }
 }
 
+/* out[j] = scale * sum_i w[i][j] src[i] for R columns j0..j0+R of weights w (N, NP) and src (N, DP). */
+static inline __attribute__((always_inline)) void weighted_t(const struct unit *u, int R, int j0, const float *w,
+                                                             const float *src, float scale, float *const *out) {
+    const int NP = u->NP, D = u->D, N = u->N, DP = u->DP;
+    for (int c0 = 0; c0 < DP; c0 += 2 * LANES) {
+        const int two = DP - c0 >= 2 * LANES;
+        vf acc[ROWS][2] = {};
+        for (int i = 0; i < N; i++) {
+            const float *si = src + (int64_t)i * DP + c0;
+            vf s0 = load(si), s1 = two ? load(si + LANES) : splat(0.0f);
+            for (int r = 0; r < R; r++) {
+                vf p = splat(w[(int64_t)i * NP + j0 + r]);
+                acc[r][0] += p * s0;
+                acc[r][1] += p * s1;
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float *o = out[r] + c0;
+            vf a[2] = {acc[r][0] * splat(scale), acc[r][1] * splat(scale)};
+            for (int t = 0; t < 1 + two; t++) {
+                const int c = c0 + t * LANES;
+                if (c + LANES <= D)
+                    store(o + t * LANES, a[t]);
+                else
+                    for (int l = 0; l < D - c; l++) o[t * LANES + l] = a[t][l];
+            }
+        }
+    }
+}
+
+/* exp(s - m) over R rows of scores in place; returns each row's 1 / sum in inv. */
+static inline __attribute__((always_inline)) void softmax_rows(const struct unit *u, int R, float *s, const float *m,
+                                                               float *inv) {
+    for (int r = 0; r < R; r++) {
+        const vf mr = splat(m[r]);
+        vf sum = {};
+        for (int c = 0; c < u->NP; c += LANES) {
+            vf e = exp_nonpositive(load(s + r * u->NP + c) - mr);
+            store(s + r * u->NP + c, e);
+            sum += e;
+        }
+        inv[r] = 1.0f / hsum(sum);
+    }
+}
+
 static inline int pad(int n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* Token i of a unit: its row pointer in a (B, L, heads, D) tensor with strides s. */
+#define ROW(base, s, b, h, t) ((base) + (b) * (s)[0] + (t) * (s)[1] + (h) * (s)[2])
+
+/* A (N, DP) copy of a unit's rows, padded dims zero (the tail was zeroed once). */
+static inline void gather_rows(float *dst, const float *base, const int64_t *s, int64_t b, int64_t h,
+                               const int64_t *rows, int N, int D, int DP) {
+    for (int i = 0; i < N; i++) memcpy(dst + (int64_t)i * DP, ROW(base, s, b, h, rows[i]), sizeof(float) * D);
+}
+
+/* A (DP, NP) transposed copy of a unit's rows, padded rows and columns zero. */
+static inline void gather_transposed(float *dst, const float *base, const int64_t *s, int64_t b, int64_t h,
+                                     const int64_t *rows, int N, int NP, int D) {
+    for (int d = 0; d < D; d++)
+        for (int i = 0; i < N; i++) dst[(int64_t)d * NP + i] = ROW(base, s, b, h, rows[i])[d];
+}
+
+static inline void prefetch_rows(const float *base, const int64_t *s, int64_t b, int64_t h, const int64_t *rows,
+                                 int i0, int R, int D) {
+    for (int r = i0; r < i0 + R; r++)
+        for (int d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(ROW(base, s, b, h, rows[r]) + d);
+}
 
 int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v,
                                const int64_t *vs, const int64_t *tokens, const float *bias, int64_t bias_windows,
-                               float *out, const int64_t *os, int64_t B, int64_t nW, int64_t heads, int64_t N,
-                               int64_t D, float scale, int threads) {
-    const int NP = pad((int)N), DP = pad((int)D);
+                               float *out, const int64_t *os, float *lse, int64_t B, int64_t nW, int64_t heads,
+                               int64_t N, int64_t D, float scale, int threads) {
+    const struct unit u = {(int)N, pad((int)N), (int)D, pad((int)D), scale};
+    const int NP = u.NP, DP = u.DP;
     const int64_t units = B * nW * heads;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = aligned_alloc(64, sizeof(float) * ((size_t)DP * NP + (size_t)N * DP + (size_t)ROWS * NP));
+        const size_t kept = (size_t)DP * NP + 2 * (size_t)N * DP; /* k^T, v, q: zero padding set once */
+        float *buf = aligned_alloc(64, sizeof(float) * (kept + (size_t)ROWS * NP));
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            float *kt = buf, *vv = buf + (size_t)DP * NP, *scores = vv + (size_t)N * DP;
-            memset(buf, 0, sizeof(float) * ((size_t)DP * NP + (size_t)N * DP));
+            float *kt = buf, *vv = kt + (size_t)DP * NP, *qq = vv + (size_t)N * DP, *scores = qq + (size_t)N * DP;
+            memset(buf, 0, sizeof(float) * kept);
 #pragma omp for schedule(static)
-            for (int64_t unit_id = 0; unit_id < units; unit_id++) {
-                const int64_t h = unit_id % heads, w = unit_id / heads % nW, b = unit_id / heads / nW;
+            for (int64_t id = 0; id < units; id++) {
+                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
                 const int64_t *rows = tokens + w * N; /* this window's tokens */
-                const float *qu = q + b * qs[0] + h * qs[2], *ku = k + b * ks[0] + h * ks[2];
-                const float *vu = v + b * vs[0] + h * vs[2];
-                float *ou = out + b * os[0] + h * os[2];
-                /* The next unit's rows, fetched a block of rows at a time while this unit computes. */
-                const int64_t next = unit_id + 1 < units ? unit_id + 1 : unit_id;
-                const int64_t h1 = next % heads, w1 = next / heads % nW, b1 = next / heads / nW;
-                const int64_t *rows1 = tokens + w1 * N;
-                const float *q1 = q + b1 * qs[0] + h1 * qs[2], *k1 = k + b1 * ks[0] + h1 * ks[2];
-                const float *v1 = v + b1 * vs[0] + h1 * vs[2];
-                for (int d = 0; d < D; d++)
-                    for (int i = 0; i < N; i++) kt[(int64_t)d * NP + i] = ku[rows[i] * ks[1] + d];
-                for (int i = 0; i < N; i++) memcpy(vv + (int64_t)i * DP, vu + rows[i] * vs[1], sizeof(float) * D);
-                const struct unit u = {(int)N, NP, (int)D, DP, scale, kt, vv};
+                /* The next unit's rows are fetched a block of rows at a time while this unit computes. */
+                const int64_t next = id + 1 < units ? id + 1 : id;
+                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
+                gather_transposed(kt, k, ks, b, h, rows, (int)N, NP, (int)D);
+                gather_rows(vv, v, vs, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(qq, q, qs, b, h, rows, (int)N, (int)D, DP);
                 const float *bu = bias + ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
                 for (int i = 0; i < N;) {
                     const int R = N - i >= ROWS ? ROWS : 1;
-                    for (int r = i; r < i + R; r++)
-                        for (int d = 0; d < D; d += 64 / sizeof(float)) {
-                            __builtin_prefetch(q1 + rows1[r] * qs[1] + d);
-                            __builtin_prefetch(k1 + rows1[r] * ks[1] + d);
-                            __builtin_prefetch(v1 + rows1[r] * vs[1] + d);
-                        }
-                    const float *qrows[ROWS];
-                    float *orows[ROWS];
-                    for (int r = 0; r < R; r++) {
-                        qrows[r] = qu + rows[i + r] * qs[1];
-                        orows[r] = ou + rows[i + r] * os[1];
+                    prefetch_rows(q, qs, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(k, ks, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(v, vs, b1, h1, rows1, i, R, (int)D);
+                    float m[ROWS], inv[ROWS], *o[ROWS];
+                    for (int r = 0; r < R; r++) o[r] = ROW(out, os, b, h, rows[i + r]);
+                    if (R == ROWS) {
+                        products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
+                        softmax_rows(&u, ROWS, scores, m, inv);
+                        weighted(&u, ROWS, scores, vv, inv, o);
+                    } else {
+                        products(&u, 1, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
+                        softmax_rows(&u, 1, scores, m, inv);
+                        weighted(&u, 1, scores, vv, inv, o);
                     }
-                    if (R == ROWS)
-                        rows_block(&u, ROWS, qrows, bu + (int64_t)i * NP, orows, scores);
-                    else
-                        rows_block(&u, 1, qrows, bu + (int64_t)i * NP, orows, scores);
+                    if (lse)
+                        for (int r = 0; r < R; r++) lse[id * N + i + r] = m[r] - logf(inv[r]);
                     i += R;
                 }
             }
             free(buf);
         }
     }
+    return failed;
+}
+
+int swinx_window_attention_backward_f32(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
+                                        const float *v, const int64_t *vs, const int64_t *tokens, const float *bias,
+                                        int64_t bias_windows, const float *out, const int64_t *os, const float *dout,
+                                        const int64_t *dos, const float *lse, float *dq, const int64_t *dqs,
+                                        float *dk, const int64_t *dks, float *dv, const int64_t *dvs, float *dbias,
+                                        int64_t B, int64_t nW, int64_t heads, int64_t N, int64_t D, float scale,
+                                        int threads) {
+    const struct unit u = {(int)N, pad((int)N), (int)D, pad((int)D), scale};
+    const int NP = u.NP, DP = u.DP;
+    const int64_t units = B * nW * heads, bias_size = bias_windows * heads * N * NP;
+    int failed = 0, team = 1;
+    float **partial = calloc((size_t)threads, sizeof(float *)); /* each thread's bias gradient */
+    if (!partial) return 1;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int me = omp_get_thread_num();
+#pragma omp single
+        team = omp_get_num_threads();
+#else
+        const int me = 0;
+#endif
+        /* k^T, v^T, then k, q, o, do as rows (zero padding set once), P and dS */
+        const size_t kept = 2 * (size_t)DP * NP + 4 * (size_t)N * DP;
+        float *buf = aligned_alloc(64, sizeof(float) * (kept + 2 * (size_t)N * NP));
+        float *db = calloc((size_t)bias_size, sizeof(float));
+        partial[me] = db;
+        if (!buf || !db) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *kt = buf, *vt = kt + (size_t)DP * NP, *kk = vt + (size_t)DP * NP, *qq = kk + (size_t)N * DP;
+            float *oo = qq + (size_t)N * DP, *dd = oo + (size_t)N * DP, *P = dd + (size_t)N * DP;
+            float *dS = P + (size_t)N * NP;
+            memset(buf, 0, sizeof(float) * kept);
+#pragma omp for schedule(static)
+            for (int64_t id = 0; id < units; id++) {
+                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
+                const int64_t *rows = tokens + w * N;
+                gather_transposed(kt, k, ks, b, h, rows, (int)N, NP, (int)D);
+                gather_transposed(vt, v, vs, b, h, rows, (int)N, NP, (int)D);
+                gather_rows(kk, k, ks, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(qq, q, qs, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(oo, out, os, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(dd, dout, dos, b, h, rows, (int)N, (int)D, DP);
+                const int64_t slot = ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
+                const float *bu = bias + slot;
+                float *dbu = db + slot;
+                for (int i = 0; i < N;) {
+                    const int R = N - i >= ROWS ? ROWS : 1;
+                    float *Pi = P + (int64_t)i * NP, *dSi = dS + (int64_t)i * NP, one[ROWS], *dqr[ROWS];
+                    float m[ROWS], inv[ROWS];
+                    for (int r = 0; r < R; r++) {
+                        m[r] = lse[id * N + i + r];
+                        one[r] = scale;
+                        dqr[r] = ROW(dq, dqs, b, h, rows[i + r]);
+                    }
+                    /* P = exp(S - lse); dP = do v^T into dS */
+                    if (R == ROWS) {
+                        products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, Pi, NULL);
+                        products(&u, ROWS, dd + (int64_t)i * DP, vt, NULL, 1.0f, dSi, NULL);
+                    } else {
+                        products(&u, 1, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, Pi, NULL);
+                        products(&u, 1, dd + (int64_t)i * DP, vt, NULL, 1.0f, dSi, NULL);
+                    }
+                    for (int r = 0; r < R; r++) {
+                        vf dot = {};
+                        for (int d = 0; d < DP; d += LANES)
+                            dot += load(dd + (int64_t)(i + r) * DP + d) * load(oo + (int64_t)(i + r) * DP + d);
+                        const vf delta = splat(hsum(dot)), mr = splat(m[r]);
+                        for (int c = 0; c < NP; c += LANES) {
+                            float *pc = Pi + r * NP + c, *sc = dSi + r * NP + c, *bc = dbu + (int64_t)(i + r) * NP + c;
+                            vf p = exp_nonpositive(load(pc) - mr);
+                            vf ds = p * (load(sc) - delta);
+                            store(pc, p);
+                            store(sc, ds);
+                            store(bc, load(bc) + ds);
+                        }
+                    }
+                    (void)inv;
+                    if (R == ROWS)
+                        weighted(&u, ROWS, dSi, kk, one, dqr);
+                    else
+                        weighted(&u, 1, dSi, kk, one, dqr);
+                    i += R;
+                }
+                for (int j = 0; j < N;) {
+                    const int R = N - j >= ROWS ? ROWS : 1;
+                    float *dvr[ROWS], *dkr[ROWS];
+                    for (int r = 0; r < R; r++) {
+                        dvr[r] = ROW(dv, dvs, b, h, rows[j + r]);
+                        dkr[r] = ROW(dk, dks, b, h, rows[j + r]);
+                    }
+                    if (R == ROWS) {
+                        weighted_t(&u, ROWS, j, P, dd, 1.0f, dvr);
+                        weighted_t(&u, ROWS, j, dS, qq, scale, dkr);
+                    } else {
+                        weighted_t(&u, 1, j, P, dd, 1.0f, dvr);
+                        weighted_t(&u, 1, j, dS, qq, scale, dkr);
+                    }
+                    j += R;
+                }
+            }
+        }
+        free(buf);
+    }
+    if (!failed) /* the threads' bias gradients, summed */
+        for (int t = 0; t < team; t++)
+            for (int64_t e = 0; e < bias_size; e++) dbias[e] += partial[t][e];
+    for (int t = 0; t < threads; t++) free(partial[t]);
+    free(partial);
     return failed;
 }
