@@ -65,49 +65,103 @@ def _kernel_forward(q, k, v, tokens, bias, scale: float, lse: torch.Tensor | Non
     return out
 
 
-class _KernelAttention(torch.autograd.Function):
-    """The C kernel with its backward: saves q, k, v (views of the qkv output, no copies), the output
-    and one log-sum-exp per query row, not the (N, N) probabilities."""
+# The kernel as two operators, so that eager code and torch.compile's graphs call the same thing:
+# swinx::window_attention (output and, for training, the log-sum-exp) with its backward
+# swinx::window_attention_backward, registered as its autograd formula.
 
-    @staticmethod
-    def forward(ctx, q, k, v, tokens, bias, scale):
-        B, L, heads, _ = q.shape
-        lse = torch.empty(B, tokens.numel() // bias.shape[-2], heads, bias.shape[-2])
-        out = _kernel_forward(q, k, v, tokens, bias, scale, lse)
-        ctx.save_for_backward(q, k, v, tokens, bias, out, lse)
-        ctx.scale = scale
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, tokens, bias, out, lse = ctx.saved_tensors
-        grad = grad.contiguous()
-        B, L, heads, D = q.shape
-        dqkv = torch.empty(B, L, 3, heads, D, dtype=q.dtype)
-        dq, dk, dv = dqkv.unbind(2)
-        dbias = torch.zeros_like(bias)
-        failed = native.library().swinx_window_attention_backward_f32(
-            q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), tokens.data_ptr(),
-            bias.data_ptr(), bias.shape[0], out.data_ptr(), _strides(out), grad.data_ptr(), _strides(grad),
-            lse.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk), dv.data_ptr(), _strides(dv),
-            dbias.data_ptr(), *_sizes(q, tokens, bias, ctx.scale),
-        )  # fmt: skip
-        if failed:
-            raise MemoryError("window attention backward: could not allocate its per-thread buffers")
-        return dq, dk, dv, None, dbias if ctx.needs_input_grad[4] else None, None
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("swinx::window_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor, scale: float, lse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, heads, D) output, and the (B, nW, heads, N) log-sum-exp where `lse` (else empty)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    tokens, bias = tokens.contiguous(), bias.contiguous()
+    B, _, heads, _ = q.shape
+    N = bias.shape[-2]
+    sums = torch.empty(B, tokens.numel() // N, heads, N) if lse else q.new_empty(0)
+    return _kernel_forward(q, k, v, tokens, bias, scale, sums if lse else None), sums
+
+
+@_attention_op.register_fake
+def _(q, k, v, tokens, bias, scale, lse):
+    B, L, heads, D = q.shape
+    N = bias.shape[-2]
+    return q.new_empty(B, L, heads, D), q.new_empty((B, tokens.shape[0] // N, heads, N) if lse else (0,))
+
+
+@torch.library.custom_op("swinx::window_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tokens: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dq, dk, dv stacked as (B, L, 3, heads, D), and the bias gradient (bias's shape)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    grad, tokens, bias, out, lse = (t.contiguous() for t in (grad, tokens, bias, out, lse))
+    B, L, heads, D = q.shape
+    dqkv = torch.empty(B, L, 3, heads, D, dtype=q.dtype)
+    dq, dk, dv = dqkv.unbind(2)
+    dbias = torch.zeros_like(bias)
+    failed = native.library().swinx_window_attention_backward_f32(
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), tokens.data_ptr(),
+        bias.data_ptr(), bias.shape[0], out.data_ptr(), _strides(out), grad.data_ptr(), _strides(grad),
+        lse.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk), dv.data_ptr(), _strides(dv),
+        dbias.data_ptr(), *_sizes(q, tokens, bias, scale),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("window attention backward: could not allocate its per-thread buffers")
+    return dqkv, dbias
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, tokens, bias, out, lse, scale):
+    B, L, heads, D = q.shape
+    return q.new_empty(B, L, 3, heads, D), bias.new_empty(bias.shape)
+
+
+def _setup_attention(ctx, inputs, output):
+    q, k, v, tokens, bias, scale, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, tokens, bias, out, lse)
+    ctx.scale = scale
+
+
+def _backward_attention(ctx, grad, _grad_lse):
+    q, k, v, tokens, bias, out, lse = ctx.saved_tensors
+    dqkv, dbias = torch.ops.swinx.window_attention_backward(grad, q, k, v, tokens, bias, out, lse, ctx.scale)
+    dq, dk, dv = dqkv.unbind(2)
+    return dq, dk, dv, None, dbias if ctx.needs_input_grad[4] else None, None, None
+
+
+_attention_op.register_autograd(_backward_attention, setup_context=_setup_attention)
 
 
 def _native_attention(q, k, v, tokens, bias, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c) for the windows
     that `tokens` (nW * N,) cuts from a map of L tokens: q, k, v (B, L, heads, D) float32 views with
     the last dimension contiguous, bias (1 or nW, heads, N, NP) padded with -inf (`pad_keys`).
-    Returns (B, L, heads * D), each token's output in its place in the map; differentiable."""
+    Returns (B, L, heads * D), each token's output in its place in the map; differentiable (the
+    forward then also keeps each query row's log-sum-exp for the backward)."""
     B, L, heads, D = q.shape
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
-        out = _KernelAttention.apply(q, k, v, tokens, bias, scale)
-    else:
-        out = _kernel_forward(q, k, v, tokens, bias, scale, None)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    out, _ = torch.ops.swinx.window_attention(q, k, v, tokens, bias, scale, training)
     return out.view(B, L, heads * D)
+
+
+def _compiling_with_operators() -> bool:
+    """torch.compile (not export, not TorchScript tracing): the kernel goes into the graph as an operator."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
 
 
 def pad_keys(bias: torch.Tensor) -> torch.Tensor:
@@ -309,17 +363,17 @@ class WindowAttention(nn.Module):
         return F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), v, 1.0
 
     def native_takes(self, x: torch.Tensor) -> bool:
-        """Whether `attend_map` can run on x: eager CPU float32, inference or training without attention
-        dropout, with swinx's C kernels built (`native.library()`)."""
+        """Whether `attend_map` can run on x: CPU float32, eager or under torch.compile, inference or
+        training without attention dropout, with swinx's C kernels built (`native.available()`)."""
         return (
             self.fused
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and ops.native_enabled()
-            and caching_allowed()
+            and (caching_allowed() or _compiling_with_operators())
             and not (self.training and self.attn_drop)
-            and native.library() is not None
+            and native.available()
         )
 
     def attend_map(
@@ -331,7 +385,7 @@ class WindowAttention(nn.Module):
         gathers."""
         q, k, v, scale = self._qkv(x)  # 3 x (B, L, heads, D)
         bias = self.attention_bias(geometry, padded, q.dtype)
-        bias = pad_keys(bias) if bias.requires_grad else self._padded(bias, geometry, padded)
+        bias = self._padded(bias, geometry, padded) if caching_allowed() and not bias.requires_grad else pad_keys(bias)
         out = _native_attention(q, k, v, tokens, bias, scale)
         return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
 

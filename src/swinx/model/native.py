@@ -8,7 +8,8 @@ no compiler, the build fails, or SWINX_NATIVE=0 is set, `library()` returns None
 why, and swinx runs PyTorch's kernels instead: same results, somewhat slower.
 
 OpenMP: PyTorch's wheels bring GNU libgomp under the usual soname, and the dynamic loader hands
-our library that same, already loaded runtime, so both share one thread team and its settings.
+our library that same runtime, loaded with torch before it, so both share one thread team and its
+settings.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 SOURCES = ("window_attention.c",)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -97,6 +100,12 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """`library() is not None`, as a constant for torch.compile's graphs (built on first call)."""
+    return library() is not None
+
+
 def reason() -> str:
     """Why `library()` is None ("" when it is loaded)."""
     library()
@@ -111,8 +120,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if cc is None:
         return None, f"no C compiler ({os.environ.get('CC') or 'cc'} not found; install gcc or set CC)"
-    import torch  # noqa: F401  (PyTorch's OpenMP runtime loaded first, so that ours is the same one)
-
     try:
         path = _library_path(cc)
         if not path.exists():
