@@ -97,6 +97,35 @@ def test_kernel_gradients_match_softmax_attention(shape, per_window_bias):
 
 
 @needs_kernels
+@pytest.mark.parametrize("per_window_bias", [False, True])
+def test_bfloat16_kernel_matches_float64_attention(per_window_bias):
+    """bfloat16 q, k, v in, bfloat16 out and bfloat16 gradients, float32 inside: within bfloat16's rounding
+    of the float64 answer (its 8 bits: 2^-8 = 0.4% of the largest value)."""
+    torch.manual_seed(per_window_bias)
+    B, nW, heads, N, D = 2, 4, 3, 49, 32
+    L = nW * N
+    qkv = torch.randn(B, L, 3, heads, D).bfloat16().requires_grad_()
+    table = torch.randn(nW if per_window_bias else 1, heads, N, N, requires_grad=True)
+    tokens, grad = torch.randperm(L), torch.randn(B, L, heads * D).bfloat16()
+    q, k, v = qkv.unbind(2)
+    out = attention._native_attention(q, k, v, tokens, attention.pad_keys(table), D**-0.5)
+    assert out.dtype == torch.bfloat16
+    out.backward(grad)
+    exact_qkv, exact_table = qkv.detach().double().requires_grad_(), table.detach().double().requires_grad_()
+    expected = torch.zeros(B, L, heads * D, dtype=torch.float64)
+    windows = [windows_of(t, tokens, nW, N) for t in exact_qkv.unbind(2)]
+    expected[:, tokens] = reference(*windows, exact_table, D**-0.5).flatten(1, 2)
+    expected.backward(grad.double())
+
+    def relative(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    assert qkv.grad.dtype == torch.bfloat16 and table.grad.dtype == torch.float32
+    assert relative(out, expected) < 8e-3
+    assert relative(qkv.grad, exact_qkv.grad) < 8e-3 and relative(table.grad, exact_table.grad) < 8e-3
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_takes_any_strides_and_thread_count(threads):
     """Contiguous (B, L, heads, D) tensors and views of a qkv output give the same answer, on any team size."""
@@ -216,3 +245,27 @@ def test_a_failed_build_is_reported_and_leaves_nothing(fresh_build, monkeypatch,
 def test_swinx_native_0_turns_the_kernels_off(fresh_build, monkeypatch):
     monkeypatch.setenv("SWINX_NATIVE", "0")
     assert native.library() is None and native.reason() == "SWINX_NATIVE=0"
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", [1, 2])
+def test_model_under_bfloat16_autocast_goes_through_the_kernel(version, monkeypatch):
+    """Under CPU bfloat16 autocast the kernel runs in every block, inference and training, and agrees
+    with PyTorch's attention under the same autocast within bfloat16's rounding."""
+    calls = []
+    kernel = attention._native_attention
+    monkeypatch.setattr(attention, "_native_attention", lambda *a: calls.append(1) or kernel(*a))
+    model = tiny(version)
+    x = torch.randn(2, 3, 100, 132)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        fast = model(x).float()
+        model.set_fused_attn(False)
+        exact = model(x).float()
+        model.set_fused_attn(True)
+    assert len(calls) == sum(model.config.depths)
+    assert max_diff(fast, exact) < 0.05 * exact.abs().max().item()
+    model.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x).float().square().sum().backward()
+    assert len(calls) == 2 * sum(model.config.depths)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

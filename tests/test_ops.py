@@ -399,9 +399,11 @@ def test_shift_mask_separates_regions_that_the_roll_brings_together(fused):
 @pytest.mark.parametrize("fused_wins", [True, False, None])
 def test_bfloat16_inference_picks_the_faster_attention_per_shape_and_both_agree(fused_wins, monkeypatch):
     """CPU bfloat16 inference times the fused kernel against plain matmuls once per shape (None: really
-    timed here) and keeps the winner; either way the output is the plain path's, to bfloat16 precision."""
-    from swinx.model import attention
+    timed here) and keeps the winner; either way the output is the plain path's, to bfloat16 precision.
+    This is the path where swinx's C kernel is not built (it would take these calls otherwise)."""
+    from swinx.model import attention, native
 
+    monkeypatch.setattr(native, "available", lambda: False)
     monkeypatch.setattr(attention, "_BF16_FUSED", {})
     torch.manual_seed(0)
     model = swinx.create_model("swin_t", embed_dim=32, depths=(2, 2), num_heads=(1, 2), img_size=56).eval()

@@ -55,10 +55,10 @@ def _sizes(q: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor, scale: flo
 def _kernel_forward(q, k, v, tokens, bias, scale: float, lse: torch.Tensor | None) -> torch.Tensor:
     B, L, heads, D = q.shape
     out = torch.empty(B, L, heads, D, dtype=q.dtype)
-    failed = native.library().swinx_window_attention_f32(
+    failed = native.library().swinx_window_attention(
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), tokens.data_ptr(),
         bias.data_ptr(), bias.shape[0], out.data_ptr(), _strides(out), None if lse is None else lse.data_ptr(),
-        *_sizes(q, tokens, bias, scale),
+        q.dtype == torch.bfloat16, *_sizes(q, tokens, bias, scale),
     )  # fmt: skip
     if failed:
         raise MemoryError("window attention: could not allocate its per-thread buffers")
@@ -91,7 +91,8 @@ def _attention_op(
 def _(q, k, v, tokens, bias, scale, lse):
     B, L, heads, D = q.shape
     N = bias.shape[-2]
-    return q.new_empty(B, L, heads, D), q.new_empty((B, tokens.shape[0] // N, heads, N) if lse else (0,))
+    sums = q.new_empty((B, tokens.shape[0] // N, heads, N) if lse else (0,), dtype=torch.float32 if lse else q.dtype)
+    return q.new_empty(B, L, heads, D), sums
 
 
 @torch.library.custom_op("swinx::window_attention_backward", mutates_args=())
@@ -108,16 +109,16 @@ def _attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dq, dk, dv stacked as (B, L, 3, heads, D), and the bias gradient (bias's shape)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    grad, tokens, bias, out, lse = (t.contiguous() for t in (grad, tokens, bias, out, lse))
+    grad, tokens, bias, out, lse = (t.contiguous() for t in (grad.to(q.dtype), tokens, bias, out, lse))
     B, L, heads, D = q.shape
     dqkv = torch.empty(B, L, 3, heads, D, dtype=q.dtype)
     dq, dk, dv = dqkv.unbind(2)
     dbias = torch.zeros_like(bias)
-    failed = native.library().swinx_window_attention_backward_f32(
+    failed = native.library().swinx_window_attention_backward(
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), tokens.data_ptr(),
         bias.data_ptr(), bias.shape[0], out.data_ptr(), _strides(out), grad.data_ptr(), _strides(grad),
         lse.data_ptr(), dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk), dv.data_ptr(), _strides(dv),
-        dbias.data_ptr(), *_sizes(q, tokens, bias, scale),
+        dbias.data_ptr(), q.dtype == torch.bfloat16, *_sizes(q, tokens, bias, scale),
     )  # fmt: skip
     if failed:
         raise MemoryError("window attention backward: could not allocate its per-thread buffers")
@@ -149,11 +150,13 @@ _attention_op.register_autograd(_backward_attention, setup_context=_setup_attent
 
 def _native_attention(q, k, v, tokens, bias, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c) for the windows
-    that `tokens` (nW * N,) cuts from a map of L tokens: q, k, v (B, L, heads, D) float32 views with
-    the last dimension contiguous, bias (1 or nW, heads, N, NP) padded with -inf (`pad_keys`).
+    that `tokens` (nW * N,) cuts from a map of L tokens: q, k, v (B, L, heads, D) views with the last
+    dimension contiguous, float32 or bfloat16 (computed in float32; the output in v's dtype), bias
+    (1 or nW, heads, N, NP) float32, padded with -inf (`pad_keys`).
     Returns (B, L, heads * D), each token's output in its place in the map; differentiable (the
     forward then also keeps each query row's log-sum-exp for the backward)."""
     B, L, heads, D = q.shape
+    q, k = q.to(v.dtype), k.to(v.dtype)  # V2 under autocast: q times its float32 temperature
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
     out, _ = torch.ops.swinx.window_attention(q, k, v, tokens, bias, scale, training)
     return out.view(B, L, heads * D)
@@ -335,7 +338,7 @@ class WindowAttention(nn.Module):
         B, nW, N, C = x.shape
         q, k, v, scale = self._qkv(x)  # 3 x (B, nW, N, heads, D)
         q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # 3 x (B, nW, heads, N, D)
-        bias = self.attention_bias(geometry, padded, q.dtype) if bias is None else bias.to(q.dtype)
+        bias = self.attention_bias(geometry, padded, torch.float32) if bias is None else bias.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
 
         attn = None
@@ -363,13 +366,14 @@ class WindowAttention(nn.Module):
         return F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), v, 1.0
 
     def native_takes(self, x: torch.Tensor) -> bool:
-        """Whether `attend_map` can run on x: CPU float32, eager or under torch.compile, inference or
-        training without attention dropout, with swinx's C kernels built (`native.available()`)."""
+        """Whether `attend_map` can run on x: CPU float32 or bfloat16 (autocast too), eager or under
+        torch.compile, inference or training without attention dropout, with swinx's C kernels built
+        (`native.available()`)."""
         return (
             self.fused
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
             and ops.native_enabled()
             and (caching_allowed() or _compiling_with_operators())
             and not (self.training and self.attn_drop)
@@ -384,7 +388,7 @@ class WindowAttention(nn.Module):
         (B, L, C) in map order: the same numbers as forward() on the gathered windows, without the
         gathers."""
         q, k, v, scale = self._qkv(x)  # 3 x (B, L, heads, D)
-        bias = self.attention_bias(geometry, padded, q.dtype)
+        bias = self.attention_bias(geometry, padded, torch.float32)
         bias = self._padded(bias, geometry, padded) if caching_allowed() and not bias.requires_grad else pad_keys(bias)
         out = _native_attention(q, k, v, tokens, bias, scale)
         return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))

@@ -85,12 +85,12 @@ def _library_path(cc: str) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     sizes = [I64] * 5 + [ctypes.c_float, ctypes.c_int]  # B, nW, heads, N, D, scale, threads
-    forward = lib.swinx_window_attention_f32
+    forward = lib.swinx_window_attention
     forward.restype = ctypes.c_int
-    forward.argtypes = [P] * 8 + [I64, P, P, P] + sizes
-    backward = lib.swinx_window_attention_backward_f32
+    forward.argtypes = [P] * 8 + [I64, P, P, P, ctypes.c_int] + sizes
+    backward = lib.swinx_window_attention_backward
     backward.restype = ctypes.c_int
-    backward.argtypes = [P] * 8 + [I64] + [P] * 12 + sizes
+    backward.argtypes = [P] * 8 + [I64] + [P] * 12 + [ctypes.c_int] + sizes
 
 
 def library() -> ctypes.CDLL | None:

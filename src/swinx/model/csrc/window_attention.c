@@ -232,32 +232,75 @@ static inline __attribute__((always_inline)) void softmax_rows(const struct unit
 
 static inline int pad(int n) { return (n + LANES - 1) / LANES * LANES; }
 
-/* Token i of a unit: its row pointer in a (B, L, heads, D) tensor with strides s. */
-#define ROW(base, s, b, h, t) ((base) + (b) * (s)[0] + (t) * (s)[1] + (h) * (s)[2])
+/* Token t's row of head h of image b in a (B, L, heads, D) tensor with strides s, of float32 or
+ * bfloat16 elements (es = 4 or 2 bytes). */
+#define ROW(base, es, s, b, h, t) ((char *)(base) + (es) * ((b) * (s)[0] + (t) * (s)[1] + (h) * (s)[2]))
 
-/* A (N, DP) copy of a unit's rows, padded dims zero (the tail was zeroed once). */
-static inline void gather_rows(float *dst, const float *base, const int64_t *s, int64_t b, int64_t h,
+static inline float from_bf16(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as PyTorch does (finite values) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline void read_row(float *dst, const char *src, int D, int bf16) {
+    if (bf16)
+        for (int d = 0; d < D; d++) dst[d] = from_bf16(((const uint16_t *)src)[d]);
+    else
+        memcpy(dst, src, sizeof(float) * D);
+}
+
+/* A (N, DP) float32 copy of a unit's rows, padded dims zero (the tail was zeroed once). */
+static inline void gather_rows(float *dst, const void *base, int bf16, const int64_t *s, int64_t b, int64_t h,
                                const int64_t *rows, int N, int D, int DP) {
-    for (int i = 0; i < N; i++) memcpy(dst + (int64_t)i * DP, ROW(base, s, b, h, rows[i]), sizeof(float) * D);
+    for (int i = 0; i < N; i++) read_row(dst + (int64_t)i * DP, ROW(base, bf16 ? 2 : 4, s, b, h, rows[i]), D, bf16);
 }
 
-/* A (DP, NP) transposed copy of a unit's rows, padded rows and columns zero. */
-static inline void gather_transposed(float *dst, const float *base, const int64_t *s, int64_t b, int64_t h,
-                                     const int64_t *rows, int N, int NP, int D) {
-    for (int d = 0; d < D; d++)
-        for (int i = 0; i < N; i++) dst[(int64_t)d * NP + i] = ROW(base, s, b, h, rows[i])[d];
+/* A (DP, NP) transposed float32 copy of a unit's rows, padded rows and columns zero. */
+static inline void gather_transposed(float *dst, const void *base, int bf16, const int64_t *s, int64_t b,
+                                     int64_t h, const int64_t *rows, int N, int NP, int D) {
+    float row[D];
+    for (int i = 0; i < N; i++) {
+        read_row(row, ROW(base, bf16 ? 2 : 4, s, b, h, rows[i]), D, bf16);
+        for (int d = 0; d < D; d++) dst[(int64_t)d * NP + i] = row[d];
+    }
 }
 
-static inline void prefetch_rows(const float *base, const int64_t *s, int64_t b, int64_t h, const int64_t *rows,
-                                 int i0, int R, int D) {
+/* Where R output rows go: straight into a float32 tensor, or through float32 staging rows that
+ * `put_rows` then rounds into a bfloat16 one. */
+static inline void out_rows(float **o, float *stage, void *base, int bf16, const int64_t *s, int64_t b, int64_t h,
+                            const int64_t *rows, int R, int DP) {
+    for (int r = 0; r < R; r++) o[r] = bf16 ? stage + (int64_t)r * DP : (float *)ROW(base, 4, s, b, h, rows[r]);
+}
+
+static inline void put_rows(float *const *o, void *base, int bf16, const int64_t *s, int64_t b, int64_t h,
+                            const int64_t *rows, int R, int D) {
+    if (bf16)
+        for (int r = 0; r < R; r++) {
+            uint16_t *dst = (uint16_t *)ROW(base, 2, s, b, h, rows[r]);
+            for (int d = 0; d < D; d++) dst[d] = to_bf16(o[r][d]);
+        }
+}
+
+static inline void prefetch_rows(const void *base, int es, const int64_t *s, int64_t b, int64_t h,
+                                 const int64_t *rows, int i0, int R, int D) {
     for (int r = i0; r < i0 + R; r++)
-        for (int d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(ROW(base, s, b, h, rows[r]) + d);
+        for (int d = 0; d < D * es; d += 64) __builtin_prefetch(ROW(base, es, s, b, h, rows[r]) + d);
 }
 
-int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v,
-                               const int64_t *vs, const int64_t *tokens, const float *bias, int64_t bias_windows,
-                               float *out, const int64_t *os, float *lse, int64_t B, int64_t nW, int64_t heads,
-                               int64_t N, int64_t D, float scale, int threads) {
+/* q, k, v and out are float32, or bfloat16 where bf16 (computed in float32 either way); the bias and
+ * the log-sum-exp are float32. lse may be NULL (inference). */
+int swinx_window_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
+                           const int64_t *vs, const int64_t *tokens, const float *bias, int64_t bias_windows,
+                           void *out, const int64_t *os, float *lse, int bf16, int64_t B, int64_t nW, int64_t heads,
+                           int64_t N, int64_t D, float scale, int threads) {
+    const int es = bf16 ? 2 : 4;
     const struct unit u = {(int)N, pad((int)N), (int)D, pad((int)D), scale};
     const int NP = u.NP, DP = u.DP;
     const int64_t units = B * nW * heads;
@@ -265,12 +308,13 @@ int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k
 #pragma omp parallel num_threads(threads)
     {
         const size_t kept = (size_t)DP * NP + 2 * (size_t)N * DP; /* k^T, v, q: zero padding set once */
-        float *buf = aligned_alloc(64, sizeof(float) * (kept + (size_t)ROWS * NP));
+        float *buf = aligned_alloc(64, sizeof(float) * (kept + (size_t)ROWS * NP + (size_t)ROWS * DP));
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
         } else {
             float *kt = buf, *vv = kt + (size_t)DP * NP, *qq = vv + (size_t)N * DP, *scores = qq + (size_t)N * DP;
+            float *stage = scores + (size_t)ROWS * NP;
             memset(buf, 0, sizeof(float) * kept);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
@@ -279,17 +323,17 @@ int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k
                 /* The next unit's rows are fetched a block of rows at a time while this unit computes. */
                 const int64_t next = id + 1 < units ? id + 1 : id;
                 const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
-                gather_transposed(kt, k, ks, b, h, rows, (int)N, NP, (int)D);
-                gather_rows(vv, v, vs, b, h, rows, (int)N, (int)D, DP);
-                gather_rows(qq, q, qs, b, h, rows, (int)N, (int)D, DP);
+                gather_transposed(kt, k, bf16, ks, b, h, rows, (int)N, NP, (int)D);
+                gather_rows(vv, v, bf16, vs, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(qq, q, bf16, qs, b, h, rows, (int)N, (int)D, DP);
                 const float *bu = bias + ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
                 for (int i = 0; i < N;) {
                     const int R = N - i >= ROWS ? ROWS : 1;
-                    prefetch_rows(q, qs, b1, h1, rows1, i, R, (int)D);
-                    prefetch_rows(k, ks, b1, h1, rows1, i, R, (int)D);
-                    prefetch_rows(v, vs, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(q, es, qs, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(k, es, ks, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(v, es, vs, b1, h1, rows1, i, R, (int)D);
                     float m[ROWS], inv[ROWS], *o[ROWS];
-                    for (int r = 0; r < R; r++) o[r] = ROW(out, os, b, h, rows[i + r]);
+                    out_rows(o, stage, out, bf16, os, b, h, rows + i, R, DP);
                     if (R == ROWS) {
                         products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
                         softmax_rows(&u, ROWS, scores, m, inv);
@@ -299,6 +343,7 @@ int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k
                         softmax_rows(&u, 1, scores, m, inv);
                         weighted(&u, 1, scores, vv, inv, o);
                     }
+                    put_rows(o, out, bf16, os, b, h, rows + i, R, (int)D);
                     if (lse)
                         for (int r = 0; r < R; r++) lse[id * N + i + r] = m[r] - logf(inv[r]);
                     i += R;
@@ -310,13 +355,14 @@ int swinx_window_attention_f32(const float *q, const int64_t *qs, const float *k
     return failed;
 }
 
-int swinx_window_attention_backward_f32(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
-                                        const float *v, const int64_t *vs, const int64_t *tokens, const float *bias,
-                                        int64_t bias_windows, const float *out, const int64_t *os, const float *dout,
-                                        const int64_t *dos, const float *lse, float *dq, const int64_t *dqs,
-                                        float *dk, const int64_t *dks, float *dv, const int64_t *dvs, float *dbias,
-                                        int64_t B, int64_t nW, int64_t heads, int64_t N, int64_t D, float scale,
-                                        int threads) {
+/* q, k, v, out, dout and dq, dk, dv in float32, or bfloat16 where bf16; bias, lse, dbias float32. */
+int swinx_window_attention_backward(const void *q, const int64_t *qs, const void *k, const int64_t *ks,
+                                    const void *v, const int64_t *vs, const int64_t *tokens, const float *bias,
+                                    int64_t bias_windows, const void *out, const int64_t *os, const void *dout,
+                                    const int64_t *dos, const float *lse, void *dq, const int64_t *dqs, void *dk,
+                                    const int64_t *dks, void *dv, const int64_t *dvs, float *dbias, int bf16,
+                                    int64_t B, int64_t nW, int64_t heads, int64_t N, int64_t D, float scale,
+                                    int threads) {
     const struct unit u = {(int)N, pad((int)N), (int)D, pad((int)D), scale};
     const int NP = u.NP, DP = u.DP;
     const int64_t units = B * nW * heads, bias_size = bias_windows * heads * N * NP;
@@ -334,7 +380,7 @@ int swinx_window_attention_backward_f32(const float *q, const int64_t *qs, const
 #endif
         /* k^T, v^T, then k, q, o, do as rows (zero padding set once), P and dS */
         const size_t kept = 2 * (size_t)DP * NP + 4 * (size_t)N * DP;
-        float *buf = aligned_alloc(64, sizeof(float) * (kept + 2 * (size_t)N * NP));
+        float *buf = aligned_alloc(64, sizeof(float) * (kept + 2 * (size_t)N * NP + 2 * (size_t)ROWS * DP));
         float *db = calloc((size_t)bias_size, sizeof(float));
         partial[me] = db;
         if (!buf || !db) {
@@ -345,18 +391,18 @@ int swinx_window_attention_backward_f32(const float *q, const int64_t *qs, const
         if (!failed) {
             float *kt = buf, *vt = kt + (size_t)DP * NP, *kk = vt + (size_t)DP * NP, *qq = kk + (size_t)N * DP;
             float *oo = qq + (size_t)N * DP, *dd = oo + (size_t)N * DP, *P = dd + (size_t)N * DP;
-            float *dS = P + (size_t)N * NP;
+            float *dS = P + (size_t)N * NP, *stage = dS + (size_t)N * NP, *stage2 = stage + (size_t)ROWS * DP;
             memset(buf, 0, sizeof(float) * kept);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
                 const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
                 const int64_t *rows = tokens + w * N;
-                gather_transposed(kt, k, ks, b, h, rows, (int)N, NP, (int)D);
-                gather_transposed(vt, v, vs, b, h, rows, (int)N, NP, (int)D);
-                gather_rows(kk, k, ks, b, h, rows, (int)N, (int)D, DP);
-                gather_rows(qq, q, qs, b, h, rows, (int)N, (int)D, DP);
-                gather_rows(oo, out, os, b, h, rows, (int)N, (int)D, DP);
-                gather_rows(dd, dout, dos, b, h, rows, (int)N, (int)D, DP);
+                gather_transposed(kt, k, bf16, ks, b, h, rows, (int)N, NP, (int)D);
+                gather_transposed(vt, v, bf16, vs, b, h, rows, (int)N, NP, (int)D);
+                gather_rows(kk, k, bf16, ks, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(qq, q, bf16, qs, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(oo, out, bf16, os, b, h, rows, (int)N, (int)D, DP);
+                gather_rows(dd, dout, bf16, dos, b, h, rows, (int)N, (int)D, DP);
                 const int64_t slot = ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
                 const float *bu = bias + slot;
                 float *dbu = db + slot;
@@ -367,8 +413,8 @@ int swinx_window_attention_backward_f32(const float *q, const int64_t *qs, const
                     for (int r = 0; r < R; r++) {
                         m[r] = lse[id * N + i + r];
                         one[r] = scale;
-                        dqr[r] = ROW(dq, dqs, b, h, rows[i + r]);
                     }
+                    out_rows(dqr, stage, dq, bf16, dqs, b, h, rows + i, R, DP);
                     /* P = exp(S - lse); dP = do v^T into dS */
                     if (R == ROWS) {
                         products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, Pi, NULL);
@@ -396,15 +442,14 @@ int swinx_window_attention_backward_f32(const float *q, const int64_t *qs, const
                         weighted(&u, ROWS, dSi, kk, one, dqr);
                     else
                         weighted(&u, 1, dSi, kk, one, dqr);
+                    put_rows(dqr, dq, bf16, dqs, b, h, rows + i, R, (int)D);
                     i += R;
                 }
                 for (int j = 0; j < N;) {
                     const int R = N - j >= ROWS ? ROWS : 1;
                     float *dvr[ROWS], *dkr[ROWS];
-                    for (int r = 0; r < R; r++) {
-                        dvr[r] = ROW(dv, dvs, b, h, rows[j + r]);
-                        dkr[r] = ROW(dk, dks, b, h, rows[j + r]);
-                    }
+                    out_rows(dvr, stage, dv, bf16, dvs, b, h, rows + j, R, DP);
+                    out_rows(dkr, stage2, dk, bf16, dks, b, h, rows + j, R, DP);
                     if (R == ROWS) {
                         weighted_t(&u, ROWS, j, P, dd, 1.0f, dvr);
                         weighted_t(&u, ROWS, j, dS, qq, scale, dkr);
@@ -412,6 +457,8 @@ int swinx_window_attention_backward_f32(const float *q, const int64_t *qs, const
                         weighted_t(&u, 1, j, P, dd, 1.0f, dvr);
                         weighted_t(&u, 1, j, dS, qq, scale, dkr);
                     }
+                    put_rows(dvr, dv, bf16, dvs, b, h, rows + j, R, (int)D);
+                    put_rows(dkr, dk, bf16, dks, b, h, rows + j, R, (int)D);
                     j += R;
                 }
             }
