@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	# torch and torchvision first, pinned: these two come from the local mirror in about a minute
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[test]"
+	# a C compiler for swinx's kernels (built on first use; without one swinx runs PyTorch's kernels)
+	@command -v cc >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q gcc >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q gcc >/dev/null; }; \
+		else echo "note: no C compiler here; install gcc for swinx's C kernels (their tests are skipped without one)"; fi; }
 	# Debian's Chromium for the page tests (Playwright drives it; no browser download)
 	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
