@@ -338,7 +338,7 @@ class WindowAttention(nn.Module):
         B, nW, N, C = x.shape
         q, k, v, scale = self._qkv(x)  # 3 x (B, nW, N, heads, D)
         q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # 3 x (B, nW, heads, N, D)
-        bias = self.attention_bias(geometry, padded, torch.float32) if bias is None else bias.to(q.dtype)
+        bias = self.attention_bias(geometry, padded, q.dtype) if bias is None else bias.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
 
         attn = None

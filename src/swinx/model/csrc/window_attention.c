@@ -153,12 +153,13 @@ static inline __attribute__((always_inline)) void products(const struct unit *u,
         for (int r = 0; r < R; r++) m[r] = hmax(mx[r]);
 }
 
-/* out[r] = scale[r] * sum_j w[r][j] src[j] for R rows of weights w (rows of NP) and src (N, DP): R
- * output rows of D values, each written through its own pointer. */
-static inline __attribute__((always_inline)) void weighted(const struct unit *u, int R, const float *w,
-                                                           const float *src, const float *scale,
+/* out[r] = scale[r] * sum_j w[r * rs + j * js] src[j] for R output rows and src (N, DP): each
+ * output row of D values written through its own pointer. With (rs, js) = (NP, 1) the weights are R
+ * rows of a (N, NP) matrix (P v, dS k); with (1, NP), R of its columns (P^T do, dS^T q). */
+static inline __attribute__((always_inline)) void weighted(const struct unit *u, int R, const float *w, int rs,
+                                                           int js, const float *src, const float *scale,
                                                            float *const *out) {
-    const int NP = u->NP, D = u->D, N = u->N, DP = u->DP;
+    const int D = u->D, N = u->N, DP = u->DP;
     for (int c0 = 0; c0 < DP; c0 += 2 * LANES) {
         const int two = DP - c0 >= 2 * LANES;
         vf acc[ROWS][2] = {};
@@ -166,7 +167,7 @@ static inline __attribute__((always_inline)) void weighted(const struct unit *u,
             const float *sj = src + (int64_t)j * DP + c0;
             vf s0 = load(sj), s1 = two ? load(sj + LANES) : splat(0.0f);
             for (int r = 0; r < R; r++) {
-                vf p = splat(w[r * NP + j]);
+                vf p = splat(w[(int64_t)r * rs + (int64_t)j * js]);
                 acc[r][0] += p * s0;
                 acc[r][1] += p * s1;
             }
@@ -174,36 +175,6 @@ static inline __attribute__((always_inline)) void weighted(const struct unit *u,
         for (int r = 0; r < R; r++) {
             float *o = out[r] + c0;
             vf a[2] = {acc[r][0] * splat(scale[r]), acc[r][1] * splat(scale[r])};
-            for (int t = 0; t < 1 + two; t++) {
-                const int c = c0 + t * LANES;
-                if (c + LANES <= D)
-                    store(o + t * LANES, a[t]);
-                else
-                    for (int l = 0; l < D - c; l++) o[t * LANES + l] = a[t][l];
-            }
-        }
-    }
-}
-
-/* out[j] = scale * sum_i w[i][j] src[i] for R columns j0..j0+R of weights w (N, NP) and src (N, DP). */
-static inline __attribute__((always_inline)) void weighted_t(const struct unit *u, int R, int j0, const float *w,
-                                                             const float *src, float scale, float *const *out) {
-    const int NP = u->NP, D = u->D, N = u->N, DP = u->DP;
-    for (int c0 = 0; c0 < DP; c0 += 2 * LANES) {
-        const int two = DP - c0 >= 2 * LANES;
-        vf acc[ROWS][2] = {};
-        for (int i = 0; i < N; i++) {
-            const float *si = src + (int64_t)i * DP + c0;
-            vf s0 = load(si), s1 = two ? load(si + LANES) : splat(0.0f);
-            for (int r = 0; r < R; r++) {
-                vf p = splat(w[(int64_t)i * NP + j0 + r]);
-                acc[r][0] += p * s0;
-                acc[r][1] += p * s1;
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            float *o = out[r] + c0;
-            vf a[2] = {acc[r][0] * splat(scale), acc[r][1] * splat(scale)};
             for (int t = 0; t < 1 + two; t++) {
                 const int c = c0 + t * LANES;
                 if (c + LANES <= D)
@@ -337,11 +308,11 @@ int swinx_window_attention(const void *q, const int64_t *qs, const void *k, cons
                     if (R == ROWS) {
                         products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
                         softmax_rows(&u, ROWS, scores, m, inv);
-                        weighted(&u, ROWS, scores, vv, inv, o);
+                        weighted(&u, ROWS, scores, NP, 1, vv, inv, o);
                     } else {
                         products(&u, 1, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
                         softmax_rows(&u, 1, scores, m, inv);
-                        weighted(&u, 1, scores, vv, inv, o);
+                        weighted(&u, 1, scores, NP, 1, vv, inv, o);
                     }
                     put_rows(o, out, bf16, os, b, h, rows + i, R, (int)D);
                     if (lse)
@@ -367,6 +338,8 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
     const int NP = u.NP, DP = u.DP;
     const int64_t units = B * nW * heads, bias_size = bias_windows * heads * N * NP;
     int failed = 0, team = 1;
+    float scales[ROWS], ones[ROWS]; /* the row factors of dq, dk (scale) and dv (1) */
+    for (int r = 0; r < ROWS; r++) scales[r] = scale, ones[r] = 1.0f;
     float **partial = calloc((size_t)threads, sizeof(float *)); /* each thread's bias gradient */
     if (!partial) return 1;
 #pragma omp parallel num_threads(threads)
@@ -408,12 +381,8 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
                 float *dbu = db + slot;
                 for (int i = 0; i < N;) {
                     const int R = N - i >= ROWS ? ROWS : 1;
-                    float *Pi = P + (int64_t)i * NP, *dSi = dS + (int64_t)i * NP, one[ROWS], *dqr[ROWS];
-                    float m[ROWS], inv[ROWS];
-                    for (int r = 0; r < R; r++) {
-                        m[r] = lse[id * N + i + r];
-                        one[r] = scale;
-                    }
+                    float *Pi = P + (int64_t)i * NP, *dSi = dS + (int64_t)i * NP, *dqr[ROWS], m[ROWS];
+                    for (int r = 0; r < R; r++) m[r] = lse[id * N + i + r];
                     out_rows(dqr, stage, dq, bf16, dqs, b, h, rows + i, R, DP);
                     /* P = exp(S - lse); dP = do v^T into dS */
                     if (R == ROWS) {
@@ -437,11 +406,10 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
                             store(bc, load(bc) + ds);
                         }
                     }
-                    (void)inv;
                     if (R == ROWS)
-                        weighted(&u, ROWS, dSi, kk, one, dqr);
+                        weighted(&u, ROWS, dSi, NP, 1, kk, scales, dqr);
                     else
-                        weighted(&u, 1, dSi, kk, one, dqr);
+                        weighted(&u, 1, dSi, NP, 1, kk, scales, dqr);
                     put_rows(dqr, dq, bf16, dqs, b, h, rows + i, R, (int)D);
                     i += R;
                 }
@@ -451,11 +419,11 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
                     out_rows(dvr, stage, dv, bf16, dvs, b, h, rows + j, R, DP);
                     out_rows(dkr, stage2, dk, bf16, dks, b, h, rows + j, R, DP);
                     if (R == ROWS) {
-                        weighted_t(&u, ROWS, j, P, dd, 1.0f, dvr);
-                        weighted_t(&u, ROWS, j, dS, qq, scale, dkr);
+                        weighted(&u, ROWS, P + j, 1, NP, dd, ones, dvr);
+                        weighted(&u, ROWS, dS + j, 1, NP, qq, scales, dkr);
                     } else {
-                        weighted_t(&u, 1, j, P, dd, 1.0f, dvr);
-                        weighted_t(&u, 1, j, dS, qq, scale, dkr);
+                        weighted(&u, 1, P + j, 1, NP, dd, ones, dvr);
+                        weighted(&u, 1, dS + j, 1, NP, qq, scales, dkr);
                     }
                     put_rows(dvr, dv, bf16, dvs, b, h, rows + j, R, (int)D);
                     put_rows(dkr, dk, bf16, dks, b, h, rows + j, R, (int)D);
