@@ -29,6 +29,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
@@ -58,25 +61,39 @@ static inline vf where(vi mask, vf a, vf b) { /* a where mask, else b */
 }
 
 /* exp(x) for x <= 0 (scores minus their row maximum), within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2,
- * exp(r) by its degree-6 Taylor polynomial, 2^n through the exponent bits. Below -87 it is 0. */
-static inline vf exp_nonpositive(vf x) {
-    const vf lo = splat(-87.0f), round = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vi under = x < lo;
-    x = where(under, lo, x);
-    vf n = (x * splat(1.44269504088896341f) + round) - round;
-    vf r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+ * exp(r) by its degree-6 Taylor polynomial, times 2^n. Below -87 it is exp(-87) (a -inf score, a key
+ * past N, counts 1e-38 of a probability) or, without AVX-512, 0. */
+static inline vf exp_poly(vf r) {
     vf p = splat(1.0f / 720);
     p = p * r + splat(1.0f / 120);
     p = p * r + splat(1.0f / 24);
     p = p * r + splat(1.0f / 6);
     p = p * r + splat(0.5f);
     p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
+    return p * r + splat(1.0f);
+}
+
+#ifdef __AVX512F__
+static inline vf exp_nonpositive(vf x) { /* 2^n by vscalefps, n rounded by vrndscaleps */
+    const __m512 y = _mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf r = (vf)y - (vf)n * splat(0.693359375f) + (vf)n * splat(2.12194440e-4f);
+    return (vf)_mm512_scalef_ps((__m512)exp_poly(r), n);
+}
+#else
+static inline vf exp_nonpositive(vf x) { /* 2^n through the exponent bits */
+    const vf lo = splat(-87.0f), round = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vi under = x < lo;
+    x = where(under, lo, x);
+    vf n = (x * splat(1.44269504088896341f) + round) - round;
+    vf r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
     vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
     vf scale;
     memcpy(&scale, &bits, sizeof scale);
-    return where(under, splat(0.0f), p * scale);
+    return where(under, splat(0.0f), exp_poly(r) * scale);
 }
+#endif
 
 static inline vf vmax(vf a, vf b) { return where(a > b, a, b); }
 
@@ -99,6 +116,37 @@ static inline float hsum(vf v) {
 static inline float hmax(vf v) {
     HREDUCE(v, vmax);
     return v[0];
+}
+
+/* The same over each of four rows at once: halves of rows 0 and 1 (and 2 and 3) side by side, then
+ * quarters of all four, then within each quarter; row r's result lands in lane 4 r. */
+#define HREDUCE4(v, op, out)                                                                                  \
+    do {                                                                                                      \
+        const vi h0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};                               \
+        const vi h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};                         \
+        const vi q0 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};                             \
+        const vi q1 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};                           \
+        vf a = op(__builtin_shuffle(v[0], v[1], h0), __builtin_shuffle(v[0], v[1], h1));                     \
+        vf b = op(__builtin_shuffle(v[2], v[3], h0), __builtin_shuffle(v[2], v[3], h1));                     \
+        vf t = op(__builtin_shuffle(a, b, q0), __builtin_shuffle(a, b, q1));                                 \
+        t = op(t, __builtin_shuffle(t, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));         \
+        t = op(t, __builtin_shuffle(t, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));         \
+        for (int r_ = 0; r_ < 4; r_++) out[r_] = t[4 * r_];                                                  \
+    } while (0)
+
+/* out[r] = the maximum (or sum) of v[r]'s lanes, for R = 1 or ROWS rows. */
+static inline __attribute__((always_inline)) void row_max(int R, vf *v, float *out) {
+    if (R == 4)
+        HREDUCE4(v, vmax, out);
+    else
+        for (int r = 0; r < R; r++) out[r] = hmax(v[r]);
+}
+
+static inline __attribute__((always_inline)) void row_sum(int R, vf *v, float *out) {
+    if (R == 4)
+        HREDUCE4(v, vadd, out);
+    else
+        for (int r = 0; r < R; r++) out[r] = hsum(v[r]);
 }
 
 /* One unit's operands, copied into padded buffers: a (DP, NP) matrix is a transposed one, its padded
@@ -150,7 +198,7 @@ static inline __attribute__((always_inline)) void products(const struct unit *u,
             }
     }
     if (m)
-        for (int r = 0; r < R; r++) m[r] = hmax(mx[r]);
+        row_max(R, mx, m);
 }
 
 /* out[r] = scale[r] * sum_j w[r * rs + j * js] src[j] for R output rows and src (N, DP): each
@@ -186,19 +234,25 @@ static inline __attribute__((always_inline)) void weighted(const struct unit *u,
     }
 }
 
-/* exp(s - m) over R rows of scores in place; returns each row's 1 / sum in inv. */
-static inline __attribute__((always_inline)) void softmax_rows(const struct unit *u, int R, float *s, const float *m,
-                                                               float *inv) {
+/* exp(s - m) over R rows of NP scores in place; returns each row's 1 / sum in inv. */
+static inline __attribute__((always_inline)) void softmax_rows_np(int R, int NP, float *s, const float *m, float *inv) {
+    vf sum[ROWS];
     for (int r = 0; r < R; r++) {
         const vf mr = splat(m[r]);
-        vf sum = {};
-        for (int c = 0; c < u->NP; c += LANES) {
-            vf e = exp_nonpositive(load(s + r * u->NP + c) - mr);
-            store(s + r * u->NP + c, e);
-            sum += e;
+        sum[r] = splat(0.0f);
+        for (int c = 0; c < NP; c += LANES) {
+            vf e = exp_nonpositive(load(s + r * NP + c) - mr);
+            store(s + r * NP + c, e);
+            sum[r] += e;
         }
-        inv[r] = 1.0f / hsum(sum);
     }
+    row_sum(R, sum, inv);
+    for (int r = 0; r < R; r++) inv[r] = 1.0f / inv[r];
+}
+
+static inline __attribute__((always_inline)) void softmax_rows(const struct unit *u, int R, float *s, const float *m,
+                                                               float *inv) {
+    softmax_rows_np(R, u->NP, s, m, inv);
 }
 
 static inline int pad(int n) { return (n + LANES - 1) / LANES * LANES; }
@@ -265,12 +319,195 @@ static inline void prefetch_rows(const void *base, int es, const int64_t *s, int
         for (int d = 0; d < D * es; d += 64) __builtin_prefetch(ROW(base, es, s, b, h, rows[r]) + d);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(SWINX_NO_BF16_DOT)
+#define BF16_DOT 1
+
+/* bfloat16 forward on cores with AVX512-BF16 (vdpbf16ps: 16 float32 sums of two bfloat16 products per
+ * instruction, twice the float32 rate). Pairs of bfloat16 are 32-bit words: word p of a row holds its
+ * elements 2p and 2p + 1, so q's rows are broadcast straight from the tensor a word at a time, k is
+ * transposed as words into kt2 (D / 2, NP), and v is interleaved in pairs of tokens into vv2 (word d of
+ * pair j holds v[2j][d], v[2j + 1][d]; 32 head dims per pair of vectors). The scores, softmax and
+ * sums are float32; the probabilities are rounded to bfloat16 for P v, as q, k and v already are. */
+static inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+static inline uint32_t word(const void *row, int p) {
+    uint32_t w;
+    memcpy(&w, (const char *)row + 4 * p, sizeof w);
+    return w;
+}
+
+/* Scores of R query rows (bfloat16 rows in q) against every key, scaled, biased, into out (R, NP);
+ * row maxima into m. */
+static inline __attribute__((always_inline)) void scores_out(int R, int tiles, const __m512 (*acc)[COL_TILES],
+                                                             int NP, int c0, const float *bias, float scale,
+                                                             float *out, vf *mx) {
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < tiles; t++) {
+            const int c = c0 + t * LANES;
+            vf sc = (vf)acc[r][t] * splat(scale);
+            if (bias) sc += load(bias + r * NP + c);
+            mx[r] = vmax(mx[r], sc);
+            store(out + r * NP + c, sc);
+        }
+}
+
+static inline __attribute__((always_inline)) void products_bf16(int R, const void *const *q, const uint32_t *kt2,
+                                                                int DH, int NP, const float *bias, float scale,
+                                                                float *out, float *m) {
+    vf mx[ROWS];
+    for (int r = 0; r < R; r++) mx[r] = splat(-INFINITY);
+    int c0 = 0;
+    for (; c0 + COL_TILES * LANES <= NP; c0 += COL_TILES * LANES) { /* full tiles: accumulators in registers */
+        __m512 acc[ROWS][COL_TILES];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < COL_TILES; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int p = 0; p < DH; p++) {
+            const uint32_t *kp = kt2 + (int64_t)p * NP + c0;
+            const __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
+                          b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
+            for (int r = 0; r < R; r++) {
+                const __m512i a = _mm512_set1_epi32((int)word(q[r], p));
+                acc[r][0] = dot_bf16(acc[r][0], a, b0);
+                acc[r][1] = dot_bf16(acc[r][1], a, b1);
+                acc[r][2] = dot_bf16(acc[r][2], a, b2);
+                acc[r][3] = dot_bf16(acc[r][3], a, b3);
+            }
+        }
+        scores_out(R, COL_TILES, acc, NP, c0, bias, scale, out, mx);
+    }
+    for (; c0 < NP; c0 += LANES) { /* the last 1 to 3 tiles, one at a time */
+        __m512 acc[ROWS][COL_TILES];
+        for (int r = 0; r < R; r++) acc[r][0] = _mm512_setzero_ps();
+        for (int p = 0; p < DH; p++) {
+            const __m512i b0 = _mm512_loadu_si512(kt2 + (int64_t)p * NP + c0);
+            for (int r = 0; r < R; r++) acc[r][0] = dot_bf16(acc[r][0], _mm512_set1_epi32((int)word(q[r], p)), b0);
+        }
+        scores_out(R, 1, acc, NP, c0, bias, scale, out, mx);
+    }
+    row_max(R, mx, m);
+}
+
+/* out rows (bfloat16, D values) = inv[r] * sum_j P[r][j] v[j] for R rows of probabilities (float32,
+ * (R, NP), zero past N), through their bfloat16 pairs in pw (R, NP / 2 words). */
+static inline __attribute__((always_inline)) void weighted_bf16(int R, const float *P, uint32_t *pw, int NP,
+                                                                const __m512i *vv2, int pairs, int D,
+                                                                const float *inv, void *const *out) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NP; c += LANES)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)(pw + r * NP / 2) + c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * NP + c)));
+    const int chunks = (D + 31) / 32;
+    for (int ch = 0; ch < chunks; ch++) {
+        __m512 acc[ROWS][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int j = 0; j < pairs; j++) {
+            const __m512i v0 = vv2[((int64_t)j * chunks + ch) * 2], v1 = vv2[((int64_t)j * chunks + ch) * 2 + 1];
+            for (int r = 0; r < R; r++) {
+                const __m512i a = _mm512_set1_epi32((int)pw[r * NP / 2 + j]);
+                acc[r][0] = dot_bf16(acc[r][0], a, v0);
+                acc[r][1] = dot_bf16(acc[r][1], a, v1);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int half = 0; half < 2; half++) {
+                const int d0 = ch * 32 + half * LANES, left = D - d0;
+                if (left <= 0) break;
+                const __mmask16 mask = left >= LANES ? 0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m256i o = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][half], _mm512_set1_ps(inv[r])));
+                _mm256_mask_storeu_epi16((uint16_t *)out[r] + d0, mask, o);
+            }
+    }
+}
+
+static int forward_bf16(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
+                        const int64_t *vs, const int64_t *tokens, const float *bias, int64_t bias_windows, void *out,
+                        const int64_t *os, float *lse, int64_t B, int64_t nW, int64_t heads, int64_t N, int64_t D,
+                        float scale, int threads) {
+    const int NP = pad((int)N), DH = (int)D / 2, pairs = ((int)N + 1) / 2, chunks = ((int)D + 31) / 32;
+    const int64_t units = B * nW * heads;
+    /* word k of the interleaved pair: element k / 2 of row 2j (even k) or of row 2j + 1 (odd k, index + 32) */
+    uint16_t lo_idx[32], hi_idx[32];
+    for (int e = 0; e < 32; e++) lo_idx[e] = (uint16_t)((e & 1) * 32 + e / 2), hi_idx[e] = (uint16_t)(lo_idx[e] + 16);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const size_t kt_words = (size_t)DH * NP, vv_vectors = (size_t)pairs * chunks * 2;
+        char *buf = aligned_alloc(64, 64 * vv_vectors + 4 * kt_words + 4 * (size_t)ROWS * NP * 3 / 2 + 64);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            __m512i *vv2 = (__m512i *)buf;
+            uint32_t *kt2 = (uint32_t *)(buf + 64 * vv_vectors);
+            float *scores = (float *)(kt2 + kt_words);
+            uint32_t *pw = (uint32_t *)(scores + (size_t)ROWS * NP);
+            memset(kt2, 0, 4 * kt_words); /* keys past N stay zero */
+            const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+#pragma omp for schedule(static)
+            for (int64_t id = 0; id < units; id++) {
+                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
+                const int64_t *rows = tokens + w * N;
+                const int64_t next = id + 1 < units ? id + 1 : id;
+                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
+                for (int i = 0; i < N; i++) {
+                    const char *kr = ROW(k, 2, ks, b, h, rows[i]);
+                    for (int p = 0; p < DH; p++) kt2[(int64_t)p * NP + i] = word(kr, p);
+                }
+                for (int j = 0; j < pairs; j++)
+                    for (int ch = 0; ch < chunks; ch++) {
+                        const int left = (int)D - ch * 32;
+                        const __mmask32 mask = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+                        const __m512i a = _mm512_maskz_loadu_epi16(mask, ROW(v, 2, vs, b, h, rows[2 * j]) + 64 * ch);
+                        const __m512i c = 2 * j + 1 < N
+                                              ? _mm512_maskz_loadu_epi16(mask, ROW(v, 2, vs, b, h, rows[2 * j + 1]) + 64 * ch)
+                                              : _mm512_setzero_si512();
+                        vv2[((int64_t)j * chunks + ch) * 2] = _mm512_permutex2var_epi16(a, lo, c);
+                        vv2[((int64_t)j * chunks + ch) * 2 + 1] = _mm512_permutex2var_epi16(a, hi, c);
+                    }
+                const float *bu = bias + ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
+                for (int i = 0; i < N;) {
+                    const int R = N - i >= ROWS ? ROWS : 1;
+                    prefetch_rows(q, 2, qs, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(k, 2, ks, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(v, 2, vs, b1, h1, rows1, i, R, (int)D);
+                    const void *qr[ROWS];
+                    void *o[ROWS];
+                    float m[ROWS], inv[ROWS];
+                    for (int r = 0; r < R; r++) qr[r] = ROW(q, 2, qs, b, h, rows[i + r]), o[r] = ROW(out, 2, os, b, h, rows[i + r]);
+                    if (R == ROWS) {
+                        products_bf16(ROWS, qr, kt2, DH, NP, bu + (int64_t)i * NP, scale, scores, m);
+                        softmax_rows_np(ROWS, NP, scores, m, inv);
+                        weighted_bf16(ROWS, scores, pw, NP, vv2, pairs, (int)D, inv, o);
+                    } else {
+                        products_bf16(1, qr, kt2, DH, NP, bu + (int64_t)i * NP, scale, scores, m);
+                        softmax_rows_np(1, NP, scores, m, inv);
+                        weighted_bf16(1, scores, pw, NP, vv2, pairs, (int)D, inv, o);
+                    }
+                    if (lse)
+                        for (int r = 0; r < R; r++) lse[id * N + i + r] = m[r] - logf(inv[r]);
+                    i += R;
+                }
+            }
+            free(buf);
+        }
+    }
+    return failed;
+}
+#endif
+
 /* q, k, v and out are float32, or bfloat16 where bf16 (computed in float32 either way); the bias and
  * the log-sum-exp are float32. lse may be NULL (inference). */
 int swinx_window_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
                            const int64_t *vs, const int64_t *tokens, const float *bias, int64_t bias_windows,
                            void *out, const int64_t *os, float *lse, int bf16, int64_t B, int64_t nW, int64_t heads,
                            int64_t N, int64_t D, float scale, int threads) {
+#ifdef BF16_DOT
+    if (bf16 && D % 2 == 0)
+        return forward_bf16(q, qs, k, ks, v, vs, tokens, bias, bias_windows, out, os, lse, B, nW, heads, N, D, scale,
+                            threads);
+#endif
     const int es = bf16 ? 2 : 4;
     const struct unit u = {(int)N, pad((int)N), (int)D, pad((int)D), scale};
     const int NP = u.NP, DP = u.DP;
