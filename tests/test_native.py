@@ -96,13 +96,32 @@ def test_kernel_gradients_match_softmax_attention(shape, per_window_bias):
     assert max_diff(ours[0], qkv.grad) < 1e-5 and max_diff(ours[1], table.grad) < 1e-5
 
 
+HAVE_BF16_DOT = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+
+
+@pytest.fixture(params=["this CPU's build", "without bf16 dot products"])
+def bf16_build(request, tmp_path, monkeypatch):
+    """The kernels as built here (vdpbf16ps where the CPU has AVX512-BF16) and built with
+    -DSWINX_NO_BF16_DOT, the float32-inside bfloat16 path of every other core."""
+    if request.param != "this CPU's build":
+        monkeypatch.setenv("SWINX_NATIVE_CFLAGS", "-DSWINX_NO_BF16_DOT")
+        monkeypatch.setenv("SWINX_CACHE", str(tmp_path))
+        native.reset()
+    yield request.param
+    native.reset()
+
+
 @needs_kernels
+@pytest.mark.parametrize("shape", [(4, 3, 49, 32), (2, 2, 144, 32), (3, 2, 15, 24), (2, 2, 64, 48), (2, 2, 9, 16)])
 @pytest.mark.parametrize("per_window_bias", [False, True])
-def test_bfloat16_kernel_matches_float64_attention(per_window_bias):
-    """bfloat16 q, k, v in, bfloat16 out and bfloat16 gradients, float32 inside: within bfloat16's rounding
-    of the float64 answer (its 8 bits: 2^-8 = 0.4% of the largest value)."""
-    torch.manual_seed(per_window_bias)
-    B, nW, heads, N, D = 2, 4, 3, 49, 32
+def test_bfloat16_kernel_matches_float64_attention(shape, per_window_bias, bf16_build):
+    """bfloat16 q, k, v in, bfloat16 out and bfloat16 gradients, float32 sums inside: within bfloat16's
+    rounding of the float64 answer (its 8 bits: 2^-8 = 0.4% of the largest value). Windows of 49 and 64
+    tokens take the scores-in-registers path on AVX512-BF16 cores, 144 the general one; head dims 16,
+    24 and 48 part-fill the last 32 bfloat16 of a row."""
+    nW, heads, N, D = shape
+    torch.manual_seed(N * D + per_window_bias)
+    B = 2
     L = nW * N
     qkv = torch.randn(B, L, 3, heads, D).bfloat16().requires_grad_()
     table = torch.randn(nW if per_window_bias else 1, heads, N, N, requires_grad=True)
@@ -123,6 +142,25 @@ def test_bfloat16_kernel_matches_float64_attention(per_window_bias):
     assert qkv.grad.dtype == torch.bfloat16 and table.grad.dtype == torch.float32
     assert relative(out, expected) < 8e-3
     assert relative(qkv.grad, exact_qkv.grad) < 8e-3 and relative(table.grad, exact_table.grad) < 8e-3
+
+
+@needs_kernels
+@pytest.mark.skipif(not HAVE_BF16_DOT, reason="this CPU has no AVX512-BF16")
+def test_bfloat16_dot_products_are_the_path_taken_here(tmp_path, monkeypatch):
+    """On an AVX512-BF16 core the build takes the vdpbf16ps path (its probabilities rounded to bfloat16
+    give other last bits than the float32-inside path), and both agree within bfloat16's rounding."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 4 * 49, 3, 3, 32).bfloat16()
+    tokens, bias = torch.randperm(4 * 49), attention.pad_keys(torch.randn(1, 3, 49, 49))
+    outs = []
+    for flags in ("", "-DSWINX_NO_BF16_DOT"):
+        monkeypatch.setenv("SWINX_NATIVE_CFLAGS", flags)
+        monkeypatch.setenv("SWINX_CACHE", str(tmp_path / (flags or "native")))
+        native.reset()
+        outs.append(attention._native_attention(*qkv.unbind(2), tokens, bias, 32**-0.5).float())
+    native.reset()
+    assert not torch.equal(outs[0], outs[1])
+    assert max_diff(outs[0], outs[1]) < 2e-2 * outs[1].abs().max()
 
 
 @needs_kernels

@@ -5,7 +5,9 @@ OpenMP, once per source, compiler and CPU, into a cache folder ($SWINX_CACHE, el
 $XDG_CACHE_HOME/swinx or ~/.cache/swinx), written to a temporary name and renamed into place, so
 concurrent first uses and interrupted builds never leave a broken library behind. Where there is
 no compiler, the build fails, or SWINX_NATIVE=0 is set, `library()` returns None, `reason()` says
-why, and swinx runs PyTorch's kernels instead: same results, somewhat slower.
+why, and swinx runs PyTorch's kernels instead: same results, somewhat slower. SWINX_NATIVE_CFLAGS adds
+compiler flags (part of the cache key), e.g. -DSWINX_NO_BF16_DOT for the bfloat16 path of cores
+without AVX512-BF16.
 
 OpenMP: PyTorch's wheels bring GNU libgomp under the usual soname, and the dynamic loader hands
 our library that same runtime, loaded with torch before it, so both share one thread team and its
@@ -27,6 +29,11 @@ import torch
 
 SOURCES = ("window_attention.c",)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+
+def _flags() -> list[str]:
+    return [*_FLAGS, *os.environ.get("SWINX_NATIVE_CFLAGS", "").split()]
+
 
 _state: dict[str, object] = {}  # "lib" -> ctypes.CDLL or None, "reason" -> why None
 
@@ -63,7 +70,7 @@ def _build(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, *sources, "-lm"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *_flags(), "-o", tmp, *sources, "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -77,7 +84,7 @@ def _library_path(cc: str) -> Path:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((Path(__file__).with_name("csrc") / name).read_bytes())
-    for part in (" ".join(_FLAGS), version, _cpu_signature(), sys.platform):
+    for part in (" ".join(_flags()), version, _cpu_signature(), sys.platform):
         digest.update(part.encode())
     return cache_dir() / f"swinx_kernels_{digest.hexdigest()[:16]}.so"
 

@@ -338,6 +338,36 @@ static inline uint32_t word(const void *row, int p) {
     return w;
 }
 
+/* kt2 (16, NP) from the 16-word (head dim 32) rows of k: 16 rows at a time, as a 16 x 16 transpose of
+ * words in registers (rows past N read as zero), so that kt2 is written in whole vectors. */
+static inline void transpose_keys16(uint32_t *kt2, const void *k, const int64_t *ks, int64_t b, int64_t h,
+                                    const int64_t *rows, int N, int NP) {
+    for (int i0 = 0; i0 < N; i0 += 16) {
+        __m512i r[16], t[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i0 + i < N ? _mm512_loadu_si512(ROW(k, 2, ks, b, h, rows[i0 + i])) : _mm512_setzero_si512();
+        for (int i = 0; i < 16; i += 2) { /* word pairs of two rows */
+            t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) { /* lane l of r[i + c]: column 4 l + c of rows i .. i + 3 */
+            r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        for (int c = 0; c < 4; c++) { /* columns c, 4 + c, 8 + c, 12 + c from lanes 0 .. 3 of each group */
+            const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+            const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+            const __m512i b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+            _mm512_storeu_si512(kt2 + (int64_t)c * NP + i0, _mm512_shuffle_i32x4(a0, b0, 0x88));
+            _mm512_storeu_si512(kt2 + (int64_t)(8 + c) * NP + i0, _mm512_shuffle_i32x4(a0, b0, 0xDD));
+            _mm512_storeu_si512(kt2 + (int64_t)(4 + c) * NP + i0, _mm512_shuffle_i32x4(a1, b1, 0x88));
+            _mm512_storeu_si512(kt2 + (int64_t)(12 + c) * NP + i0, _mm512_shuffle_i32x4(a1, b1, 0xDD));
+        }
+    }
+}
+
 /* Scores of R query rows (bfloat16 rows in q) against every key, scaled, biased, into out (R, NP);
  * row maxima into m. */
 static inline __attribute__((always_inline)) void scores_out(int R, int tiles, const __m512 (*acc)[COL_TILES],
@@ -389,15 +419,56 @@ static inline __attribute__((always_inline)) void products_bf16(int R, const voi
     row_max(R, mx, m);
 }
 
-/* out rows (bfloat16, D values) = inv[r] * sum_j P[r][j] v[j] for R rows of probabilities (float32,
- * (R, NP), zero past N), through their bfloat16 pairs in pw (R, NP / 2 words). */
-static inline __attribute__((always_inline)) void weighted_bf16(int R, const float *P, uint32_t *pw, int NP,
-                                                                const __m512i *vv2, int pairs, int D,
-                                                                const float *inv, void *const *out) {
+/* Windows of at most 64 tokens (NP = 64: 7 x 7, 8 x 8): scores, softmax and their bfloat16 pairs for R
+ * rows in registers, never stored as float32. */
+static inline __attribute__((always_inline)) void softmax64_bf16(int R, const void *const *q, const uint32_t *kt2,
+                                                                 int DH, const float *bias, float scale,
+                                                                 uint32_t *pw, float *m, float *inv) {
+    enum { NP = COL_TILES * LANES };
+    __m512 acc[ROWS][COL_TILES];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < COL_TILES; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int p = 0; p < DH; p++) {
+        const uint32_t *kp = kt2 + (int64_t)p * NP;
+        const __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
+                      b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
+        for (int r = 0; r < R; r++) {
+            const __m512i a = _mm512_set1_epi32((int)word(q[r], p));
+            acc[r][0] = dot_bf16(acc[r][0], a, b0);
+            acc[r][1] = dot_bf16(acc[r][1], a, b1);
+            acc[r][2] = dot_bf16(acc[r][2], a, b2);
+            acc[r][3] = dot_bf16(acc[r][3], a, b3);
+        }
+    }
+    vf sc[ROWS][COL_TILES], mx[ROWS], sum[ROWS];
+    for (int r = 0; r < R; r++) {
+        for (int t = 0; t < COL_TILES; t++) sc[r][t] = (vf)acc[r][t] * splat(scale) + load(bias + r * NP + t * LANES);
+        mx[r] = vmax(vmax(sc[r][0], sc[r][1]), vmax(sc[r][2], sc[r][3]));
+    }
+    row_max(R, mx, m);
+    for (int r = 0; r < R; r++) {
+        const vf mr = splat(m[r]);
+        for (int t = 0; t < COL_TILES; t++) sc[r][t] = exp_nonpositive(sc[r][t] - mr);
+        sum[r] = (sc[r][0] + sc[r][1]) + (sc[r][2] + sc[r][3]);
+        _mm512_storeu_si512(pw + r * NP / 2, (__m512i)_mm512_cvtne2ps_pbh((__m512)sc[r][1], (__m512)sc[r][0]));
+        _mm512_storeu_si512(pw + r * NP / 2 + LANES, (__m512i)_mm512_cvtne2ps_pbh((__m512)sc[r][3], (__m512)sc[r][2]));
+    }
+    row_sum(R, sum, inv);
+    for (int r = 0; r < R; r++) inv[r] = 1.0f / inv[r];
+}
+
+/* pw (R, NP / 2 words): R rows of probabilities (float32, (R, NP), zero past N) as bfloat16 pairs; then
+ * out rows (bfloat16, D values) = inv[r] * sum_j P[r][j] v[j]. */
+static inline __attribute__((always_inline)) void to_pairs(int R, const float *P, uint32_t *pw, int NP) {
     for (int r = 0; r < R; r++)
         for (int c = 0; c < NP; c += LANES)
             _mm256_storeu_si256((__m256i *)((uint16_t *)(pw + r * NP / 2) + c),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * NP + c)));
+}
+
+static inline __attribute__((always_inline)) void weighted_bf16(int R, const uint32_t *pw, int NP,
+                                                                const __m512i *vv2, int pairs, int D,
+                                                                const float *inv, void *const *out) {
     const int chunks = (D + 31) / 32;
     for (int ch = 0; ch < chunks; ch++) {
         __m512 acc[ROWS][2];
@@ -451,10 +522,13 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
                 const int64_t *rows = tokens + w * N;
                 const int64_t next = id + 1 < units ? id + 1 : id;
                 const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
-                for (int i = 0; i < N; i++) {
-                    const char *kr = ROW(k, 2, ks, b, h, rows[i]);
-                    for (int p = 0; p < DH; p++) kt2[(int64_t)p * NP + i] = word(kr, p);
-                }
+                if (DH == 16)
+                    transpose_keys16(kt2, k, ks, b, h, rows, (int)N, NP);
+                else
+                    for (int i = 0; i < N; i++) {
+                        const char *kr = ROW(k, 2, ks, b, h, rows[i]);
+                        for (int p = 0; p < DH; p++) kt2[(int64_t)p * NP + i] = word(kr, p);
+                    }
                 for (int j = 0; j < pairs; j++)
                     for (int ch = 0; ch < chunks; ch++) {
                         const int left = (int)D - ch * 32;
@@ -476,15 +550,24 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
                     void *o[ROWS];
                     float m[ROWS], inv[ROWS];
                     for (int r = 0; r < R; r++) qr[r] = ROW(q, 2, qs, b, h, rows[i + r]), o[r] = ROW(out, 2, os, b, h, rows[i + r]);
-                    if (R == ROWS) {
-                        products_bf16(ROWS, qr, kt2, DH, NP, bu + (int64_t)i * NP, scale, scores, m);
+                    const float *bi = bu + (int64_t)i * NP;
+                    if (NP == COL_TILES * LANES && R == ROWS)
+                        softmax64_bf16(ROWS, qr, kt2, DH, bi, scale, pw, m, inv);
+                    else if (NP == COL_TILES * LANES)
+                        softmax64_bf16(1, qr, kt2, DH, bi, scale, pw, m, inv);
+                    else if (R == ROWS) {
+                        products_bf16(ROWS, qr, kt2, DH, NP, bi, scale, scores, m);
                         softmax_rows_np(ROWS, NP, scores, m, inv);
-                        weighted_bf16(ROWS, scores, pw, NP, vv2, pairs, (int)D, inv, o);
+                        to_pairs(ROWS, scores, pw, NP);
                     } else {
-                        products_bf16(1, qr, kt2, DH, NP, bu + (int64_t)i * NP, scale, scores, m);
+                        products_bf16(1, qr, kt2, DH, NP, bi, scale, scores, m);
                         softmax_rows_np(1, NP, scores, m, inv);
-                        weighted_bf16(1, scores, pw, NP, vv2, pairs, (int)D, inv, o);
+                        to_pairs(1, scores, pw, NP);
                     }
+                    if (R == ROWS)
+                        weighted_bf16(ROWS, pw, NP, vv2, pairs, (int)D, inv, o);
+                    else
+                        weighted_bf16(1, pw, NP, vv2, pairs, (int)D, inv, o);
                     if (lse)
                         for (int r = 0; r < R; r++) lse[id * N + i + r] = m[r] - logf(inv[r]);
                     i += R;
