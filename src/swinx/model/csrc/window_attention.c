@@ -40,6 +40,15 @@ typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 #define ROWS 4      /* query rows per register block */
 #define COL_TILES 4 /* score tiles of LANES keys per register block */
 
+/* Keeps a loaded vector in its register: without it GCC folds the load into every FMA that uses it,
+ * one vector load per FMA, and a Zen 4 core loads one 64-byte vector per cycle, no faster than it
+ * issues 512-bit FMAs. */
+#ifdef __AVX512F__
+#define KEEP(x) __asm__("" : "+v"(x))
+#else
+#define KEEP(x) ((void)0)
+#endif
+
 static inline vf splat(float x) { return x - (vf){}; } /* x - 0 is x for every x, so this is one broadcast */
 
 static inline vf load(const float *p) {
@@ -171,6 +180,7 @@ static inline __attribute__((always_inline)) void products(const struct unit *u,
             for (int d = 0; d < D; d++) {
                 const float *bd = bt + (int64_t)d * NP + c0;
                 vf b0 = load(bd), b1 = load(bd + LANES), b2 = load(bd + 2 * LANES), b3 = load(bd + 3 * LANES);
+                KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
                 for (int r = 0; r < R; r++) {
                     vf ad = splat(a[r * DP + d]);
                     acc[r][0] += ad * b0;
@@ -214,6 +224,7 @@ static inline __attribute__((always_inline)) void weighted(const struct unit *u,
         for (int j = 0; j < N; j++) {
             const float *sj = src + (int64_t)j * DP + c0;
             vf s0 = load(sj), s1 = two ? load(sj + LANES) : splat(0.0f);
+            KEEP(s0); KEEP(s1);
             for (int r = 0; r < R; r++) {
                 vf p = splat(w[(int64_t)r * rs + (int64_t)j * js]);
                 acc[r][0] += p * s0;
@@ -255,6 +266,43 @@ static inline __attribute__((always_inline)) void softmax_rows(const struct unit
     softmax_rows_np(R, u->NP, s, m, inv);
 }
 
+/* Windows of at most 64 tokens (NP = 64): the scores of R rows stay in registers through the softmax;
+ * only the probabilities are stored (P v reads them a weight at a time). */
+static inline __attribute__((always_inline)) void softmax64(const struct unit *u, int R, const float *a,
+                                                            const float *bt, const float *bias, float scale,
+                                                            float *out, float *m, float *inv) {
+    enum { NP = COL_TILES * LANES };
+    const int D = u->D, DP = u->DP;
+    vf acc[ROWS][COL_TILES] = {}, mx[ROWS], sum[ROWS];
+    for (int d = 0; d < D; d++) {
+        const float *bd = bt + (int64_t)d * NP;
+        vf b0 = load(bd), b1 = load(bd + LANES), b2 = load(bd + 2 * LANES), b3 = load(bd + 3 * LANES);
+        KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
+        for (int r = 0; r < R; r++) {
+            vf ad = splat(a[r * DP + d]);
+            acc[r][0] += ad * b0;
+            acc[r][1] += ad * b1;
+            acc[r][2] += ad * b2;
+            acc[r][3] += ad * b3;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int t = 0; t < COL_TILES; t++) acc[r][t] = acc[r][t] * splat(scale) + load(bias + r * NP + t * LANES);
+        mx[r] = vmax(vmax(acc[r][0], acc[r][1]), vmax(acc[r][2], acc[r][3]));
+    }
+    row_max(R, mx, m);
+    for (int r = 0; r < R; r++) {
+        const vf mr = splat(m[r]);
+        for (int t = 0; t < COL_TILES; t++) {
+            acc[r][t] = exp_nonpositive(acc[r][t] - mr);
+            store(out + r * NP + t * LANES, acc[r][t]);
+        }
+        sum[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
+    }
+    row_sum(R, sum, inv);
+    for (int r = 0; r < R; r++) inv[r] = 1.0f / inv[r];
+}
+
 static inline int pad(int n) { return (n + LANES - 1) / LANES * LANES; }
 
 /* Token t's row of head h of image b in a (B, L, heads, D) tensor with strides s, of float32 or
@@ -287,9 +335,51 @@ static inline void gather_rows(float *dst, const void *base, int bf16, const int
     for (int i = 0; i < N; i++) read_row(dst + (int64_t)i * DP, ROW(base, bf16 ? 2 : 4, s, b, h, rows[i]), D, bf16);
 }
 
+#ifdef __AVX512F__
+/* kt2 (16, NP) from words offset .. offset + 15 of k's rows (bfloat16 pairs, or float32 values): 16 rows at
+ * a time, as a 16 x 16 transpose in registers (rows past N read as zero), so that kt2 is written in whole
+ * vectors, which the products then read back without waiting on single-word stores. */
+static inline void transpose_words16(uint32_t *kt2, const void *k, int es, const int64_t *ks, int64_t b, int64_t h,
+                                     const int64_t *rows, int N, int NP, int offset) {
+    for (int i0 = 0; i0 < N; i0 += 16) {
+        __m512i r[16], t[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i0 + i < N ? _mm512_loadu_si512(ROW(k, es, ks, b, h, rows[i0 + i]) + 4 * offset)
+                              : _mm512_setzero_si512();
+        for (int i = 0; i < 16; i += 2) { /* word pairs of two rows */
+            t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) { /* lane l of r[i + c]: column 4 l + c of rows i .. i + 3 */
+            r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        for (int c = 0; c < 4; c++) { /* columns c, 4 + c, 8 + c, 12 + c from lanes 0 .. 3 of each group */
+            const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+            const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+            const __m512i b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+            _mm512_storeu_si512(kt2 + (int64_t)c * NP + i0, _mm512_shuffle_i32x4(a0, b0, 0x88));
+            _mm512_storeu_si512(kt2 + (int64_t)(8 + c) * NP + i0, _mm512_shuffle_i32x4(a0, b0, 0xDD));
+            _mm512_storeu_si512(kt2 + (int64_t)(4 + c) * NP + i0, _mm512_shuffle_i32x4(a1, b1, 0x88));
+            _mm512_storeu_si512(kt2 + (int64_t)(12 + c) * NP + i0, _mm512_shuffle_i32x4(a1, b1, 0xDD));
+        }
+    }
+}
+
+#endif
+
 /* A (DP, NP) transposed float32 copy of a unit's rows, padded rows and columns zero. */
 static inline void gather_transposed(float *dst, const void *base, int bf16, const int64_t *s, int64_t b,
                                      int64_t h, const int64_t *rows, int N, int NP, int D) {
+#ifdef __AVX512F__
+    if (!bf16 && D % 16 == 0) {
+        for (int d0 = 0; d0 < D; d0 += 16)
+            transpose_words16((uint32_t *)dst + (int64_t)d0 * NP, base, 4, s, b, h, rows, N, NP, d0);
+        return;
+    }
+#endif
     float row[D];
     for (int i = 0; i < N; i++) {
         read_row(row, ROW(base, bf16 ? 2 : 4, s, b, h, rows[i]), D, bf16);
@@ -338,36 +428,6 @@ static inline uint32_t word(const void *row, int p) {
     return w;
 }
 
-/* kt2 (16, NP) from the 16-word (head dim 32) rows of k: 16 rows at a time, as a 16 x 16 transpose of
- * words in registers (rows past N read as zero), so that kt2 is written in whole vectors. */
-static inline void transpose_keys16(uint32_t *kt2, const void *k, const int64_t *ks, int64_t b, int64_t h,
-                                    const int64_t *rows, int N, int NP) {
-    for (int i0 = 0; i0 < N; i0 += 16) {
-        __m512i r[16], t[16];
-        for (int i = 0; i < 16; i++)
-            r[i] = i0 + i < N ? _mm512_loadu_si512(ROW(k, 2, ks, b, h, rows[i0 + i])) : _mm512_setzero_si512();
-        for (int i = 0; i < 16; i += 2) { /* word pairs of two rows */
-            t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-            t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-        }
-        for (int i = 0; i < 16; i += 4) { /* lane l of r[i + c]: column 4 l + c of rows i .. i + 3 */
-            r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-            r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-            r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-            r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-        }
-        for (int c = 0; c < 4; c++) { /* columns c, 4 + c, 8 + c, 12 + c from lanes 0 .. 3 of each group */
-            const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-            const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-            const __m512i b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-            _mm512_storeu_si512(kt2 + (int64_t)c * NP + i0, _mm512_shuffle_i32x4(a0, b0, 0x88));
-            _mm512_storeu_si512(kt2 + (int64_t)(8 + c) * NP + i0, _mm512_shuffle_i32x4(a0, b0, 0xDD));
-            _mm512_storeu_si512(kt2 + (int64_t)(4 + c) * NP + i0, _mm512_shuffle_i32x4(a1, b1, 0x88));
-            _mm512_storeu_si512(kt2 + (int64_t)(12 + c) * NP + i0, _mm512_shuffle_i32x4(a1, b1, 0xDD));
-        }
-    }
-}
-
 /* Scores of R query rows (bfloat16 rows in q) against every key, scaled, biased, into out (R, NP);
  * row maxima into m. */
 static inline __attribute__((always_inline)) void scores_out(int R, int tiles, const __m512 (*acc)[COL_TILES],
@@ -395,8 +455,9 @@ static inline __attribute__((always_inline)) void products_bf16(int R, const voi
             for (int t = 0; t < COL_TILES; t++) acc[r][t] = _mm512_setzero_ps();
         for (int p = 0; p < DH; p++) {
             const uint32_t *kp = kt2 + (int64_t)p * NP + c0;
-            const __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
-                          b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
+            __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
+                    b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
+            KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
             for (int r = 0; r < R; r++) {
                 const __m512i a = _mm512_set1_epi32((int)word(q[r], p));
                 acc[r][0] = dot_bf16(acc[r][0], a, b0);
@@ -430,8 +491,9 @@ static inline __attribute__((always_inline)) void softmax64_bf16(int R, const vo
         for (int t = 0; t < COL_TILES; t++) acc[r][t] = _mm512_setzero_ps();
     for (int p = 0; p < DH; p++) {
         const uint32_t *kp = kt2 + (int64_t)p * NP;
-        const __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
-                      b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
+        __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
+                b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
+        KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
         for (int r = 0; r < R; r++) {
             const __m512i a = _mm512_set1_epi32((int)word(q[r], p));
             acc[r][0] = dot_bf16(acc[r][0], a, b0);
@@ -474,7 +536,8 @@ static inline __attribute__((always_inline)) void weighted_bf16(int R, const uin
         __m512 acc[ROWS][2];
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
         for (int j = 0; j < pairs; j++) {
-            const __m512i v0 = vv2[((int64_t)j * chunks + ch) * 2], v1 = vv2[((int64_t)j * chunks + ch) * 2 + 1];
+            __m512i v0 = vv2[((int64_t)j * chunks + ch) * 2], v1 = vv2[((int64_t)j * chunks + ch) * 2 + 1];
+            KEEP(v0); KEEP(v1);
             for (int r = 0; r < R; r++) {
                 const __m512i a = _mm512_set1_epi32((int)pw[r * NP / 2 + j]);
                 acc[r][0] = dot_bf16(acc[r][0], a, v0);
@@ -523,7 +586,7 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
                 const int64_t next = id + 1 < units ? id + 1 : id;
                 const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
                 if (DH == 16)
-                    transpose_keys16(kt2, k, ks, b, h, rows, (int)N, NP);
+                    transpose_words16(kt2, k, 2, ks, b, h, rows, (int)N, NP, 0);
                 else
                     for (int i = 0; i < N; i++) {
                         const char *kr = ROW(k, 2, ks, b, h, rows[i]);
@@ -626,8 +689,12 @@ int swinx_window_attention(const void *q, const int64_t *qs, const void *k, cons
                     float m[ROWS], inv[ROWS], *o[ROWS];
                     out_rows(o, stage, out, bf16, os, b, h, rows + i, R, DP);
                     if (R == ROWS) {
-                        products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
-                        softmax_rows(&u, ROWS, scores, m, inv);
+                        if (NP == COL_TILES * LANES)
+                            softmax64(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m, inv);
+                        else {
+                            products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
+                            softmax_rows(&u, ROWS, scores, m, inv);
+                        }
                         weighted(&u, ROWS, scores, NP, 1, vv, inv, o);
                     } else {
                         products(&u, 1, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
