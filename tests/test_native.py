@@ -66,7 +66,7 @@ def test_kernel_matches_softmax_attention(window, head_dim, per_window_bias):
     if N > 2:
         bias[..., : N // 2, -1] = -100.0
         bias[..., 1, 0] = float("-inf")
-    out = attention._native_attention(q, k, v, tokens, attention.pad_keys(bias), D**-0.5)
+    out = attention._native_attention(qkv, tokens, attention.pad_keys(bias), D**-0.5)
     assert out.shape == (B, L, heads * D) and out.is_contiguous()
     expected = torch.empty(B, L, heads * D, dtype=torch.float64)
     expected[:, tokens] = reference(*(windows_of(t, tokens, nW, N) for t in (q, k, v)), bias, D**-0.5).flatten(1, 2)
@@ -85,8 +85,7 @@ def test_kernel_gradients_match_softmax_attention(shape, per_window_bias):
     qkv = torch.randn(B, L, 3, heads, D, requires_grad=True)
     table = torch.randn(nW if per_window_bias else 1, heads, N, N, requires_grad=True)
     tokens, grad = torch.randperm(L), torch.randn(B, L, heads * D)
-    q, k, v = qkv.unbind(2)
-    attention._native_attention(q, k, v, tokens, attention.pad_keys(table), D**-0.5).backward(grad)
+    attention._native_attention(qkv, tokens, attention.pad_keys(table), D**-0.5).backward(grad)
     ours = qkv.grad.clone(), table.grad.clone()
     qkv.grad = table.grad = None
     expected = torch.empty(B, L, heads * D)
@@ -126,8 +125,7 @@ def test_bfloat16_kernel_matches_float64_attention(shape, per_window_bias, bf16_
     qkv = torch.randn(B, L, 3, heads, D).bfloat16().requires_grad_()
     table = torch.randn(nW if per_window_bias else 1, heads, N, N, requires_grad=True)
     tokens, grad = torch.randperm(L), torch.randn(B, L, heads * D).bfloat16()
-    q, k, v = qkv.unbind(2)
-    out = attention._native_attention(q, k, v, tokens, attention.pad_keys(table), D**-0.5)
+    out = attention._native_attention(qkv, tokens, attention.pad_keys(table), D**-0.5)
     assert out.dtype == torch.bfloat16
     out.backward(grad)
     exact_qkv, exact_table = qkv.detach().double().requires_grad_(), table.detach().double().requires_grad_()
@@ -157,7 +155,7 @@ def test_bfloat16_dot_products_are_the_path_taken_here(tmp_path, monkeypatch):
         monkeypatch.setenv("SWINX_NATIVE_CFLAGS", flags)
         monkeypatch.setenv("SWINX_CACHE", str(tmp_path / (flags or "native")))
         native.reset()
-        outs.append(attention._native_attention(*qkv.unbind(2), tokens, bias, 32**-0.5).float())
+        outs.append(attention._native_attention(qkv, tokens, bias, 32**-0.5).float())
     native.reset()
     assert not torch.equal(outs[0], outs[1])
     assert max_diff(outs[0], outs[1]) < 2e-2 * outs[1].abs().max()
@@ -166,16 +164,18 @@ def test_bfloat16_dot_products_are_the_path_taken_here(tmp_path, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_takes_any_strides_and_thread_count(threads):
-    """Contiguous (B, L, heads, D) tensors and views of a qkv output give the same answer, on any team size."""
+    """A contiguous (B, L, 3, heads, D) qkv and a view of one with other strides (q, k, v and heads
+    interleaved otherwise, rows apart) give the same answer, on any team size."""
     torch.manual_seed(threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         B, L, heads, N, D = 2, 4 * 49, 6, 49, 32
-        q, k, v = torch.randn(B, L, 3, heads, D).unbind(2)
+        qkv = torch.randn(B, heads, 3, L + 5, D)[:, :, :, 5:].permute(0, 3, 2, 1, 4)  # (B, L, 3, heads, D)
+        assert not qkv.is_contiguous() and qkv.stride(-1) == 1
         tokens, bias = torch.arange(L), attention.pad_keys(torch.randn(1, heads, N, N))
-        a = attention._native_attention(q, k, v, tokens, bias, 0.3)
-        b = attention._native_attention(q.contiguous(), k.contiguous(), v.contiguous(), tokens, bias, 0.3)
+        a = attention._native_attention(qkv, tokens, bias, 0.3)
+        b = attention._native_attention(qkv.contiguous(), tokens, bias, 0.3)
         assert max_diff(a, b) == 0
     finally:
         torch.set_num_threads(before)
@@ -188,8 +188,8 @@ def test_kernel_runs_on_pytorchs_thread_team():
     x = torch.randn(512, 512)
     (x @ x).sum()  # PyTorch's team is up
     tasks = len(os.listdir("/proc/self/task"))
-    q = torch.randn(2, 4 * 49, 3, 32)
-    attention._native_attention(q, q, q, torch.arange(4 * 49), attention.pad_keys(torch.zeros(1, 3, 49, 49)), 0.2)
+    qkv = torch.randn(2, 4 * 49, 3, 3, 32)
+    attention._native_attention(qkv, torch.arange(4 * 49), attention.pad_keys(torch.zeros(1, 3, 49, 49)), 0.2)
     assert len(os.listdir("/proc/self/task")) == tasks
 
 

@@ -76,10 +76,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("swinx::window_attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor, scale: float, lse: bool
+    qkv: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor, scale: float, lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, heads, D) output, and the (B, nW, heads, N) log-sum-exp where `lse` (else empty)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    """(B, L, heads, D) output for qkv (B, L, 3, heads, D), and the (B, nW, heads, N) log-sum-exp where
+    `lse` (else empty)."""
+    q, k, v = _last_dim_contiguous(qkv).unbind(2)
     tokens, bias = tokens.contiguous(), bias.contiguous()
     B, _, heads, _ = q.shape
     N = bias.shape[-2]
@@ -88,27 +89,26 @@ def _attention_op(
 
 
 @_attention_op.register_fake
-def _(q, k, v, tokens, bias, scale, lse):
-    B, L, heads, D = q.shape
+def _(qkv, tokens, bias, scale, lse):
+    B, L, _, heads, D = qkv.shape
     N = bias.shape[-2]
-    sums = q.new_empty((B, tokens.shape[0] // N, heads, N) if lse else (0,), dtype=torch.float32 if lse else q.dtype)
-    return q.new_empty(B, L, heads, D), sums
+    dtype = torch.float32 if lse else qkv.dtype
+    sums = qkv.new_empty((B, tokens.shape[0] // N, heads, N) if lse else (0,), dtype=dtype)
+    return qkv.new_empty(B, L, heads, D), sums
 
 
 @torch.library.custom_op("swinx::window_attention_backward", mutates_args=())
 def _attention_backward_op(
     grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     tokens: torch.Tensor,
     bias: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dq, dk, dv stacked as (B, L, 3, heads, D), and the bias gradient (bias's shape)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    """dq, dk, dv as qkv's (B, L, 3, heads, D) gradient, and the bias gradient (bias's shape)."""
+    q, k, v = _last_dim_contiguous(qkv).unbind(2)
     grad, tokens, bias, out, lse = (t.contiguous() for t in (grad.to(q.dtype), tokens, bias, out, lse))
     B, L, heads, D = q.shape
     dqkv = torch.empty(B, L, 3, heads, D, dtype=q.dtype)
@@ -126,39 +126,37 @@ def _attention_backward_op(
 
 
 @_attention_backward_op.register_fake
-def _(grad, q, k, v, tokens, bias, out, lse, scale):
-    B, L, heads, D = q.shape
-    return q.new_empty(B, L, 3, heads, D), bias.new_empty(bias.shape)
+def _(grad, qkv, tokens, bias, out, lse, scale):
+    return qkv.new_empty(qkv.shape), bias.new_empty(bias.shape)
 
 
 def _setup_attention(ctx, inputs, output):
-    q, k, v, tokens, bias, scale, _ = inputs
+    qkv, tokens, bias, scale, _ = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, tokens, bias, out, lse)
+    ctx.save_for_backward(qkv, tokens, bias, out, lse)
     ctx.scale = scale
 
 
 def _backward_attention(ctx, grad, _grad_lse):
-    q, k, v, tokens, bias, out, lse = ctx.saved_tensors
-    dqkv, dbias = torch.ops.swinx.window_attention_backward(grad, q, k, v, tokens, bias, out, lse, ctx.scale)
-    dq, dk, dv = dqkv.unbind(2)
-    return dq, dk, dv, None, dbias if ctx.needs_input_grad[4] else None, None, None
+    qkv, tokens, bias, out, lse = ctx.saved_tensors
+    dqkv, dbias = torch.ops.swinx.window_attention_backward(grad, qkv, tokens, bias, out, lse, ctx.scale)
+    return dqkv, None, dbias if ctx.needs_input_grad[2] else None, None, None
 
 
 _attention_op.register_autograd(_backward_attention, setup_context=_setup_attention)
 
 
-def _native_attention(q, k, v, tokens, bias, scale: float) -> torch.Tensor:
+def _native_attention(qkv, tokens, bias, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v by swinx's C kernel (csrc/window_attention.c) for the windows
-    that `tokens` (nW * N,) cuts from a map of L tokens: q, k, v (B, L, heads, D) views with the last
-    dimension contiguous, float32 or bfloat16 (computed in float32; the output in v's dtype), bias
-    (1 or nW, heads, N, NP) float32, padded with -inf (`pad_keys`).
+    that `tokens` (nW * N,) cuts from a map of L tokens: qkv (B, L, 3, heads, D) (a qkv layer's output,
+    any strides but the last dimension's), float32 or bfloat16, bias (1 or nW, heads, N, NP) float32,
+    padded with -inf (`pad_keys`). q, k and v are read in place and their gradient is one tensor, so
+    nothing is split or stacked around the kernel.
     Returns (B, L, heads * D), each token's output in its place in the map; differentiable (the
     forward then also keeps each query row's log-sum-exp for the backward)."""
-    B, L, heads, D = q.shape
-    q, k = q.to(v.dtype), k.to(v.dtype)  # V2 under autocast: q times its float32 temperature
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    out, _ = torch.ops.swinx.window_attention(q, k, v, tokens, bias, scale, training)
+    B, L, _, heads, D = qkv.shape
+    training = torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
+    out, _ = torch.ops.swinx.window_attention(qkv, tokens, bias, scale, training)
     return out.view(B, L, heads * D)
 
 
@@ -365,6 +363,15 @@ class WindowAttention(nn.Module):
         tau = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp().view(heads, 1)
         return F.normalize(q, dim=-1) * tau, F.normalize(k, dim=-1), v, 1.0
 
+    def _packed_qkv(self, x: torch.Tensor):
+        """`_qkv` as one (..., 3, heads, D) tensor: V1's qkv output itself, V2's normalised q and k
+        stacked with v (in v's dtype: under autocast q carries its float32 temperature)."""
+        if self.version == 1:
+            qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, fast=self.fused)
+            return qkv.view(*x.shape[:-1], 3, self.num_heads, self.head_dim), self.head_dim**-0.5
+        q, k, v, scale = self._qkv(x)
+        return torch.stack([q.to(v.dtype), k.to(v.dtype), v], dim=-3), scale
+
     def native_takes(self, x: torch.Tensor) -> bool:
         """Whether `attend_map` can run on x: CPU float32 or bfloat16 (autocast too), eager or under
         torch.compile, inference or training without attention dropout, with swinx's C kernels built
@@ -387,10 +394,10 @@ class WindowAttention(nn.Module):
         `tokens` (nW * N,) lists each window's tokens (the roll and partition, `window_order`). Returns
         (B, L, C) in map order: the same numbers as forward() on the gathered windows, without the
         gathers."""
-        q, k, v, scale = self._qkv(x)  # 3 x (B, L, heads, D)
+        qkv, scale = self._packed_qkv(x)
         bias = self.attention_bias(geometry, padded, torch.float32)
         bias = self._padded(bias, geometry, padded) if caching_allowed() and not bias.requires_grad else pad_keys(bias)
-        out = _native_attention(q, k, v, tokens, bias, scale)
+        out = _native_attention(qkv, tokens, bias, scale)
         return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, fast=self.fused))
 
     def _fused_pays(self, q, k, v, bias, scale) -> bool:
