@@ -307,3 +307,23 @@ def test_model_under_bfloat16_autocast_goes_through_the_kernel(version, monkeypa
         model(x).float().square().sum().backward()
     assert len(calls) == 2 * sum(model.config.depths)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 17, 4096 * 3 + 5])
+def test_gelu_backward_kernel_matches_float64(n):
+    """One pass for the lean MLP's backward: grad * GELU'(h) (over grad) and GELU(h), within float32's
+    rounding of the float64 answers, at lengths that end mid-vector and mid-chunk, for h from -12 to 12
+    (where erf saturates) and around 0."""
+    torch.manual_seed(n)
+    h = torch.cat([torch.linspace(-12, 12, 101), torch.randn(n) * 3, torch.randn(n) * 1e-3])
+    grad = torch.randn_like(h)
+    dh, act = ops._gelu_backward(grad.clone(), h)
+    exact_dh = torch.ops.aten.gelu_backward(grad.double(), h.double())
+    exact_act = torch.nn.functional.gelu(h.double())
+    assert max_diff(dh.double(), exact_dh) < 3e-6 and max_diff(act.double(), exact_act) < 3e-6
+    out = grad.clone()
+    assert ops._gelu_backward(out, h)[0] is out  # in place: the fresh gradient is reused
+    strided = torch.randn(2 * h.numel())[::2]  # not contiguous: PyTorch's two passes
+    dh2, act2 = ops._gelu_backward(grad.clone(), strided)
+    torch.testing.assert_close(act2, torch.nn.functional.gelu(strided))

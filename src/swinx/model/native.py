@@ -1,4 +1,4 @@
-"""swinx's C kernels (csrc/*.c), built for this machine on first use and loaded with ctypes.
+"""swinx's C kernels (csrc/*.c: window attention, GELU's backward), built for this machine on first use and loaded with ctypes.
 
 The library is compiled with the system C compiler (`$CC`, else `cc`) at -O3 -march=native with
 OpenMP, once per source, compiler and CPU, into a cache folder ($SWINX_CACHE, else
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("window_attention.c",)
+SOURCES = ("window_attention.c", "gelu.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -98,6 +98,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     backward = lib.swinx_window_attention_backward
     backward.restype = ctypes.c_int
     backward.argtypes = [P] * 8 + [I64] + [P] * 12 + [ctypes.c_int] + sizes
+    gelu = lib.swinx_gelu_backward
+    gelu.restype = None
+    gelu.argtypes = [P] * 3 + [I64, ctypes.c_int]
 
 
 def library() -> ctypes.CDLL | None:

@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from swinx.model import native
+
 HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -261,12 +263,14 @@ def _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden,
     rows = x.reshape(-1, x.shape[-1])
     grad = grad.reshape(-1, grad.shape[-1])
     grads = [None] * 8
+    dhidden, activated = _gelu_backward(_grad_input(grad, w2, onednn[1]), hidden)
+    del hidden
     if needs[6]:
-        grads[6] = _weight_grad(grad, F.gelu(hidden))
+        grads[6] = _weight_grad(grad, activated)
+    del activated
     if needs[7]:
         grads[7] = grad.sum(0)
-    grad = torch.ops.aten.gelu_backward(_grad_input(grad, w2, onednn[1]), hidden)
-    del hidden
+    grad = dhidden
     if norm_weight is not None:
         normed = torch.native_layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)[0]
     else:
@@ -284,6 +288,20 @@ def _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden,
             )
         grads[0] = grad.view(x.shape) if needs[0] else None
     return grads
+
+
+def _gelu_backward(grad: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad * GELU'(hidden), GELU(hidden)) for a fresh `grad`: swinx's C kernel in one pass (float32 on
+    the CPU; `grad` overwritten), else PyTorch's gelu_backward and gelu."""
+    lib = native.library() if _enabled and hidden.device.type == "cpu" else None
+    same = grad.dtype == hidden.dtype == torch.float32 and grad.shape == hidden.shape
+    if lib is not None and same and grad.is_contiguous() and hidden.is_contiguous():
+        activated = torch.empty_like(hidden)
+        lib.swinx_gelu_backward(
+            hidden.data_ptr(), grad.data_ptr(), activated.data_ptr(), hidden.numel(), torch.get_num_threads()
+        )
+        return grad, activated
+    return torch.ops.aten.gelu_backward(grad, hidden), F.gelu(hidden)
 
 
 def _trains_onednn(rows: torch.Tensor, weight: torch.Tensor) -> bool:

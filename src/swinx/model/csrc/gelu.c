@@ -1,0 +1,88 @@
+/* GELU's backward for training, float32: from fc1's output h and the gradient g of GELU(h), one pass
+ * writes g * GELU'(h) over g and GELU(h) (which fc2's weight gradient needs) into act.
+ *
+ * GELU(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, GELU'(x) = Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi).
+ * erf is Abramowitz and Stegun's 7.1.26 (within 1.5e-7), the approximation PyTorch's vectorised CPU
+ * erf uses too, and its exp(-z^2) is the exp(-x^2 / 2) of the slope, so an element costs one exp and
+ * one division. PyTorch computes the same two results in two passes, the slope's pass with a scalar
+ * erf and exp per element. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+static inline vf splat(float x) { return x - (vf){}; }
+
+static inline vf where(vi mask, vf a, vf b) {
+    vi ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    vi r = (ai & mask) | (bi & ~mask);
+    vf out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+/* exp(x) for x <= 0, as in window_attention.c (degree-6 Taylor polynomial after n ln 2 is taken out);
+ * 0 below -87. */
+static inline vf exp_nonpositive(vf x) {
+    const vf lo = splat(-87.0f), round = splat(12582912.0f);
+    const vi under = x < lo;
+    x = where(under, lo, x);
+    const vf n = (x * splat(1.44269504088896341f) + round) - round;
+    const vf r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+    vf p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return where(under, splat(0.0f), p * scale);
+}
+
+static inline void gelu_grad(const float *h, float *g, float *act) {
+    vf x, d;
+    memcpy(&x, h, sizeof x);
+    memcpy(&d, g, sizeof d);
+    const vi negative = x < splat(0.0f);
+    const vf z = where(negative, -x, x) * splat(0.70710678118654752f);
+    const vf t = splat(1.0f) / (splat(1.0f) + splat(0.3275911f) * z);
+    vf poly = splat(1.061405429f);
+    poly = poly * t + splat(-1.453152027f);
+    poly = poly * t + splat(1.421413741f);
+    poly = poly * t + splat(-0.284496736f);
+    poly = poly * t + splat(0.254829592f);
+    poly = poly * t;
+    const vf e = exp_nonpositive(-(z * z));
+    const vf erf_abs = splat(1.0f) - poly * e;
+    const vf cdf = splat(0.5f) + splat(0.5f) * where(negative, -erf_abs, erf_abs);
+    const vf value = x * cdf, slope = cdf + x * e * splat(0.39894228040143268f);
+    d = d * slope;
+    memcpy(act, &value, sizeof value);
+    memcpy(g, &d, sizeof d);
+}
+
+void swinx_gelu_backward(const float *h, float *g, float *act, int64_t n, int threads) {
+    enum { L = 16, CHUNK = 4096 };
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t end = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;
+        int64_t i = c * CHUNK;
+        for (; i + L <= end; i += L) gelu_grad(h + i, g + i, act + i);
+        if (i < end) { /* the last few elements, through padded copies */
+            float hh[L] = {0}, gg[L] = {0}, aa[L];
+            memcpy(hh, h + i, sizeof(float) * (end - i));
+            memcpy(gg, g + i, sizeof(float) * (end - i));
+            gelu_grad(hh, gg, aa);
+            memcpy(g + i, gg, sizeof(float) * (end - i));
+            memcpy(act + i, aa, sizeof(float) * (end - i));
+        }
+    }
+}
