@@ -1,4 +1,5 @@
-"""swinx's C kernels (csrc/*.c: window attention, GELU's backward), built for this machine on first use and loaded with ctypes.
+"""swinx's C kernels (csrc/*.c: window attention, GELU's backward), built for this machine on first
+use and loaded with ctypes.
 
 The library is compiled with the system C compiler (`$CC`, else `cc`) at -O3 -march=native with
 OpenMP, once per source, compiler and CPU, into a cache folder ($SWINX_CACHE, else
