@@ -325,6 +325,8 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as PyTorch d
 static inline void read_row(float *dst, const char *src, int D, int bf16) {
     if (bf16)
         for (int d = 0; d < D; d++) dst[d] = from_bf16(((const uint16_t *)src)[d]);
+    else if (D % LANES == 0) /* whole vectors, inline */
+        for (int d = 0; d < D; d += LANES) store(dst + d, load((const float *)src + d));
     else
         memcpy(dst, src, sizeof(float) * D);
 }
@@ -722,7 +724,7 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
                                     int64_t B, int64_t nW, int64_t heads, int64_t N, int64_t D, float scale,
                                     int threads) {
     const struct unit u = {(int)N, pad((int)N), (int)D, pad((int)D), scale};
-    const int NP = u.NP, DP = u.DP;
+    const int NP = u.NP, DP = u.DP, es = bf16 ? 2 : 4;
     const int64_t units = B * nW * heads, bias_size = bias_windows * heads * N * NP;
     int failed = 0, team = 1;
     float scales[ROWS], ones[ROWS]; /* the row factors of dq, dk (scale) and dv (1) */
@@ -757,6 +759,8 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
             for (int64_t id = 0; id < units; id++) {
                 const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
                 const int64_t *rows = tokens + w * N;
+                const int64_t next = id + 1 < units ? id + 1 : id; /* fetched while this unit computes */
+                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
                 gather_transposed(kt, k, bf16, ks, b, h, rows, (int)N, NP, (int)D);
                 gather_transposed(vt, v, bf16, vs, b, h, rows, (int)N, NP, (int)D);
                 gather_rows(kk, k, bf16, ks, b, h, rows, (int)N, (int)D, DP);
@@ -769,6 +773,11 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
                 for (int i = 0; i < N;) {
                     const int R = N - i >= ROWS ? ROWS : 1;
                     float *Pi = P + (int64_t)i * NP, *dSi = dS + (int64_t)i * NP, *dqr[ROWS], m[ROWS];
+                    prefetch_rows(q, es, qs, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(k, es, ks, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(v, es, vs, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(out, es, os, b1, h1, rows1, i, R, (int)D);
+                    prefetch_rows(dout, es, dos, b1, h1, rows1, i, R, (int)D);
                     for (int r = 0; r < R; r++) m[r] = lse[id * N + i + r];
                     out_rows(dqr, stage, dq, bf16, dqs, b, h, rows + i, R, DP);
                     /* P = exp(S - lse); dP = do v^T into dS */
