@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCES = ("window_attention.c", "gelu.c")
+HEADERS = ("vector.h",)  # part of the cache key too
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -83,7 +84,7 @@ def _build(cc: str, target: Path) -> None:
 def _library_path(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         digest.update((Path(__file__).with_name("csrc") / name).read_bytes())
     for part in (" ".join(_flags()), version, _cpu_signature(), sys.platform):
         digest.update(part.encode())

@@ -5,46 +5,8 @@
  * erf is Abramowitz and Stegun's 7.1.26 (within 1.5e-7), the approximation PyTorch's vectorised CPU
  * erf uses too, and its exp(-z^2) is the exp(-x^2 / 2) of the slope, so an element costs one exp and
  * one division. PyTorch computes the same two results in two passes, the slope's pass with a scalar
- * erf and exp per element. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-static inline vf splat(float x) { return x - (vf){}; }
-
-static inline vf where(vi mask, vf a, vf b) {
-    vi ai, bi;
-    memcpy(&ai, &a, sizeof ai);
-    memcpy(&bi, &b, sizeof bi);
-    vi r = (ai & mask) | (bi & ~mask);
-    vf out;
-    memcpy(&out, &r, sizeof out);
-    return out;
-}
-
-/* exp(x) for x <= 0, as in window_attention.c (degree-6 Taylor polynomial after n ln 2 is taken out);
- * 0 below -87. */
-static inline vf exp_nonpositive(vf x) {
-    const vf lo = splat(-87.0f), round = splat(12582912.0f);
-    const vi under = x < lo;
-    x = where(under, lo, x);
-    const vf n = (x * splat(1.44269504088896341f) + round) - round;
-    const vf r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
-    vf p = splat(1.0f / 720);
-    p = p * r + splat(1.0f / 120);
-    p = p * r + splat(1.0f / 24);
-    p = p * r + splat(1.0f / 6);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return where(under, splat(0.0f), p * scale);
-}
+ * erf and exp per element. exp is the attention kernel's (vector.h). */
+#include "vector.h"
 
 static inline void gelu_grad(const float *h, float *g, float *act) {
     vf x, d;

@@ -29,80 +29,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
-#define LANES 16
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+#include "vector.h"
 
 #define ROWS 4      /* query rows per register block */
 #define COL_TILES 4 /* score tiles of LANES keys per register block */
-
-/* Keeps a loaded vector in its register: without it GCC folds the load into every FMA that uses it,
- * one vector load per FMA, and a Zen 4 core loads one 64-byte vector per cycle, no faster than it
- * issues 512-bit FMAs. */
-#ifdef __AVX512F__
-#define KEEP(x) __asm__("" : "+v"(x))
-#else
-#define KEEP(x) ((void)0)
-#endif
-
-static inline vf splat(float x) { return x - (vf){}; } /* x - 0 is x for every x, so this is one broadcast */
-
-static inline vf load(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-
-static inline vf where(vi mask, vf a, vf b) { /* a where mask, else b */
-    vi ai, bi;
-    memcpy(&ai, &a, sizeof ai);
-    memcpy(&bi, &b, sizeof bi);
-    vi r = (ai & mask) | (bi & ~mask);
-    vf out;
-    memcpy(&out, &r, sizeof out);
-    return out;
-}
-
-/* exp(x) for x <= 0 (scores minus their row maximum), within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2,
- * exp(r) by its degree-6 Taylor polynomial, times 2^n. Below -87 it is exp(-87) (a -inf score, a key
- * past N, counts 1e-38 of a probability) or, without AVX-512, 0. */
-static inline vf exp_poly(vf r) {
-    vf p = splat(1.0f / 720);
-    p = p * r + splat(1.0f / 120);
-    p = p * r + splat(1.0f / 24);
-    p = p * r + splat(1.0f / 6);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    return p * r + splat(1.0f);
-}
-
-#ifdef __AVX512F__
-static inline vf exp_nonpositive(vf x) { /* 2^n by vscalefps, n rounded by vrndscaleps */
-    const __m512 y = _mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vf r = (vf)y - (vf)n * splat(0.693359375f) + (vf)n * splat(2.12194440e-4f);
-    return (vf)_mm512_scalef_ps((__m512)exp_poly(r), n);
-}
-#else
-static inline vf exp_nonpositive(vf x) { /* 2^n through the exponent bits */
-    const vf lo = splat(-87.0f), round = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vi under = x < lo;
-    x = where(under, lo, x);
-    vf n = (x * splat(1.44269504088896341f) + round) - round;
-    vf r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return where(under, splat(0.0f), exp_poly(r) * scale);
-}
-#endif
 
 static inline vf vmax(vf a, vf b) { return where(a > b, a, b); }
 
@@ -165,6 +95,24 @@ struct unit {
     float scale;
 };
 
+/* acc[r][t] += sum_d a[r][d] bt[d][16 t + lane] for R rows (of DP, read as scalars) against four tiles
+ * of keys of bt (D rows of NP): constant trip counts keep the accumulators in registers. */
+static inline __attribute__((always_inline)) void tile4(int R, const float *a, int DP, const float *bt, int NP,
+                                                        int D, vf (*acc)[COL_TILES]) {
+    for (int d = 0; d < D; d++) {
+        const float *bd = bt + (int64_t)d * NP;
+        vf b0 = load(bd), b1 = load(bd + LANES), b2 = load(bd + 2 * LANES), b3 = load(bd + 3 * LANES);
+        KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
+        for (int r = 0; r < R; r++) {
+            vf ad = splat(a[r * DP + d]);
+            acc[r][0] += ad * b0;
+            acc[r][1] += ad * b1;
+            acc[r][2] += ad * b2;
+            acc[r][3] += ad * b3;
+        }
+    }
+}
+
 /* acc[r][c] = scale * sum_d a[r][d] bt[d][c] + bias[r][c] for R rows (1 <= R <= ROWS) of a (rows of
  * DP, read as scalars) against every column of bt (DP, NP), into out (R, NP); the row maxima into m. */
 static inline __attribute__((always_inline)) void products(const struct unit *u, int R, const float *a,
@@ -177,18 +125,7 @@ static inline __attribute__((always_inline)) void products(const struct unit *u,
         const int tiles = (NP - c0) / LANES < COL_TILES ? (NP - c0) / LANES : COL_TILES;
         vf acc[ROWS][COL_TILES] = {};
         if (tiles == COL_TILES) {
-            for (int d = 0; d < D; d++) {
-                const float *bd = bt + (int64_t)d * NP + c0;
-                vf b0 = load(bd), b1 = load(bd + LANES), b2 = load(bd + 2 * LANES), b3 = load(bd + 3 * LANES);
-                KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
-                for (int r = 0; r < R; r++) {
-                    vf ad = splat(a[r * DP + d]);
-                    acc[r][0] += ad * b0;
-                    acc[r][1] += ad * b1;
-                    acc[r][2] += ad * b2;
-                    acc[r][3] += ad * b3;
-                }
-            }
+            tile4(R, a, DP, bt + c0, NP, D, acc);
         } else {
             for (int d = 0; d < D; d++) {
                 const float *bd = bt + (int64_t)d * NP + c0;
@@ -274,18 +211,7 @@ static inline __attribute__((always_inline)) void softmax64(const struct unit *u
     enum { NP = COL_TILES * LANES };
     const int D = u->D, DP = u->DP;
     vf acc[ROWS][COL_TILES] = {}, mx[ROWS], sum[ROWS];
-    for (int d = 0; d < D; d++) {
-        const float *bd = bt + (int64_t)d * NP;
-        vf b0 = load(bd), b1 = load(bd + LANES), b2 = load(bd + 2 * LANES), b3 = load(bd + 3 * LANES);
-        KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
-        for (int r = 0; r < R; r++) {
-            vf ad = splat(a[r * DP + d]);
-            acc[r][0] += ad * b0;
-            acc[r][1] += ad * b1;
-            acc[r][2] += ad * b2;
-            acc[r][3] += ad * b3;
-        }
-    }
+    tile4(R, a, DP, bt, NP, D, acc);
     for (int r = 0; r < R; r++) {
         for (int t = 0; t < COL_TILES; t++) acc[r][t] = acc[r][t] * splat(scale) + load(bias + r * NP + t * LANES);
         mx[r] = vmax(vmax(acc[r][0], acc[r][1]), vmax(acc[r][2], acc[r][3]));
@@ -432,6 +358,27 @@ static inline uint32_t word(const void *row, int p) {
 
 /* Scores of R query rows (bfloat16 rows in q) against every key, scaled, biased, into out (R, NP);
  * row maxima into m. */
+/* acc[r][t] = q_r . k_(16 t + lane) for R bfloat16 query rows against four tiles of keys of kt2 (DH words
+ * of NP), set from zero, in registers. */
+static inline __attribute__((always_inline)) void tile4_bf16(int R, const void *const *q, const uint32_t *kt2, int DH,
+                                                             int NP, __m512 (*acc)[COL_TILES]) {
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < COL_TILES; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int p = 0; p < DH; p++) {
+        const uint32_t *kp = kt2 + (int64_t)p * NP;
+        __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
+                b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
+        KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
+        for (int r = 0; r < R; r++) {
+            const __m512i a = _mm512_set1_epi32((int)word(q[r], p));
+            acc[r][0] = dot_bf16(acc[r][0], a, b0);
+            acc[r][1] = dot_bf16(acc[r][1], a, b1);
+            acc[r][2] = dot_bf16(acc[r][2], a, b2);
+            acc[r][3] = dot_bf16(acc[r][3], a, b3);
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void scores_out(int R, int tiles, const __m512 (*acc)[COL_TILES],
                                                              int NP, int c0, const float *bias, float scale,
                                                              float *out, vf *mx) {
@@ -453,21 +400,7 @@ static inline __attribute__((always_inline)) void products_bf16(int R, const voi
     int c0 = 0;
     for (; c0 + COL_TILES * LANES <= NP; c0 += COL_TILES * LANES) { /* full tiles: accumulators in registers */
         __m512 acc[ROWS][COL_TILES];
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < COL_TILES; t++) acc[r][t] = _mm512_setzero_ps();
-        for (int p = 0; p < DH; p++) {
-            const uint32_t *kp = kt2 + (int64_t)p * NP + c0;
-            __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
-                    b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
-            KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
-            for (int r = 0; r < R; r++) {
-                const __m512i a = _mm512_set1_epi32((int)word(q[r], p));
-                acc[r][0] = dot_bf16(acc[r][0], a, b0);
-                acc[r][1] = dot_bf16(acc[r][1], a, b1);
-                acc[r][2] = dot_bf16(acc[r][2], a, b2);
-                acc[r][3] = dot_bf16(acc[r][3], a, b3);
-            }
-        }
+        tile4_bf16(R, q, kt2 + c0, DH, NP, acc);
         scores_out(R, COL_TILES, acc, NP, c0, bias, scale, out, mx);
     }
     for (; c0 < NP; c0 += LANES) { /* the last 1 to 3 tiles, one at a time */
@@ -489,21 +422,7 @@ static inline __attribute__((always_inline)) void softmax64_bf16(int R, const vo
                                                                  uint32_t *pw, float *m, float *inv) {
     enum { NP = COL_TILES * LANES };
     __m512 acc[ROWS][COL_TILES];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < COL_TILES; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int p = 0; p < DH; p++) {
-        const uint32_t *kp = kt2 + (int64_t)p * NP;
-        __m512i b0 = _mm512_loadu_si512(kp), b1 = _mm512_loadu_si512(kp + LANES),
-                b2 = _mm512_loadu_si512(kp + 2 * LANES), b3 = _mm512_loadu_si512(kp + 3 * LANES);
-        KEEP(b0); KEEP(b1); KEEP(b2); KEEP(b3);
-        for (int r = 0; r < R; r++) {
-            const __m512i a = _mm512_set1_epi32((int)word(q[r], p));
-            acc[r][0] = dot_bf16(acc[r][0], a, b0);
-            acc[r][1] = dot_bf16(acc[r][1], a, b1);
-            acc[r][2] = dot_bf16(acc[r][2], a, b2);
-            acc[r][3] = dot_bf16(acc[r][3], a, b3);
-        }
-    }
+    tile4_bf16(R, q, kt2, DH, NP, acc);
     vf sc[ROWS][COL_TILES], mx[ROWS], sum[ROWS];
     for (int r = 0; r < R; r++) {
         for (int t = 0; t < COL_TILES; t++) sc[r][t] = (vf)acc[r][t] * splat(scale) + load(bias + r * NP + t * LANES);
