@@ -421,3 +421,14 @@ def test_onnxruntime_only_for_float32_cpu_inference(change):
     spec = bench.BenchSpec(model="swin_t", batch=1, img_size=64, **change)
     with pytest.raises(ValueError, match="onnxruntime is benchmarked for float32 inference"):
         bench.compare(spec, ("swinx", "onnxruntime"), memory=False)
+
+
+def test_append_csv_keeps_one_line_ending(tmp_path):
+    """Rows appended run after run: one header, every line ending in a plain newline (the csv module's
+    default \\r\\n used to mix with the \\n of rows read back and rewritten)."""
+    path = tmp_path / "rows.csv"
+    bench.append_csv(path, [{"impl": "swinx", "median_ms": 1.5}])
+    bench.append_csv(path, [{"impl": "timm", "median_ms": 2.5}, {"impl": "torchvision", "median_ms": 3.0}])
+    data = path.read_bytes()
+    assert b"\r" not in data and data.count(b"\n") == 4
+    assert [row["impl"] for row in csv.DictReader(path.open())] == ["swinx", "timm", "torchvision"]

@@ -473,7 +473,7 @@ def append_csv(path, rows: list[dict]) -> None:
     path = Path(path)
     old = path.read_text() if path.exists() else ""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
     if not old:
         writer.writeheader()
     writer.writerows(rows)
