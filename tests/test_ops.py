@@ -173,36 +173,6 @@ def test_linear_with_autograd_on_the_weight_only_or_the_input_only():
         torch.testing.assert_close(leaf.grad, leaf2.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_autocast_inference_keeps_a_parameters_cast_until_it_changes():
-    """A module's weight is cast to bfloat16 once across autocast regions, and cast again when it is
-    changed in place (an optimizer step, load_state_dict) or replaced (`.data =`)."""
-    layer = torch.nn.Linear(24, 16)
-    x = torch.randn(2, 49, 24)
-
-    def run():
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            return ops.linear(x, layer.weight, layer.bias)
-
-    def expected():
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            return F.linear(x, layer.weight, layer.bias)
-
-    first = run()
-    cast = ops._CASTS[layer.weight][1]
-    assert cast.dtype == torch.bfloat16 and torch.equal(run(), first)
-    assert ops._CASTS[layer.weight][1] is cast  # the second region reused it
-    with torch.no_grad():
-        layer.weight.mul_(-2.0)
-    torch.testing.assert_close(run().float(), expected().float(), rtol=2e-2, atol=2e-2)
-    assert not torch.allclose(run().float(), first.float(), atol=1e-2)
-    layer.weight.data = torch.randn(16, 24)
-    torch.testing.assert_close(run().float(), expected().float(), rtol=2e-2, atol=2e-2)
-    computed = layer.weight * 1.0  # not a parameter: cast every call, never kept
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        ops.linear(x, computed, None)
-    assert computed not in ops._CASTS
-
-
 def test_linear_with_autograd_under_bfloat16_autocast():
     x, weight, b = operands((2, 9, 24), requires_grad=True)
     x2, weight2, b2 = operands((2, 9, 24), requires_grad=True)
