@@ -173,6 +173,29 @@ def test_linear_with_autograd_on_the_weight_only_or_the_input_only():
         torch.testing.assert_close(leaf.grad, leaf2.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_autocast_inference_sees_a_fused_optimizer_step():
+    """Evaluation under autocast between training steps uses the updated weights. A fused AdamW step
+    changes the parameters without bumping their version counters, so a cast kept across autocast
+    regions and keyed by version would go stale (it did: the MNIST preset's validation stayed at its
+    first epoch's accuracy)."""
+    layer = torch.nn.Linear(24, 16)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True)
+    x = torch.randn(2, 49, 24)
+
+    def evaluate(fn):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            return fn(x, layer.weight, layer.bias).float()
+
+    before = evaluate(ops.linear)
+    layer(x).square().sum().backward()
+    version = layer.weight._version
+    optimizer.step()
+    assert layer.weight._version == version  # the reason a version key is not enough
+    after = evaluate(ops.linear)
+    torch.testing.assert_close(after, evaluate(F.linear), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(after, before, atol=1e-2)
+
+
 def test_linear_with_autograd_under_bfloat16_autocast():
     x, weight, b = operands((2, 9, 24), requires_grad=True)
     x2, weight2, b2 = operands((2, 9, 24), requires_grad=True)
