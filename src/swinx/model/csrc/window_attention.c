@@ -198,9 +198,24 @@ static inline __attribute__((always_inline)) void softmax_rows_np(int R, int NP,
     for (int r = 0; r < R; r++) inv[r] = 1.0f / inv[r];
 }
 
-static inline __attribute__((always_inline)) void softmax_rows(const struct unit *u, int R, float *s, const float *m,
-                                                               float *inv) {
-    softmax_rows_np(R, u->NP, s, m, inv);
+/* The softmax of R rows of 64 scores held in registers (sc = products, scaled and biased in place, then
+ * exp(sc - m)); row maxima into m, 1 / row sums into inv. */
+static inline __attribute__((always_inline)) void softmax64_regs(int R, vf (*sc)[COL_TILES], const float *bias,
+                                                                 float scale, float *m, float *inv) {
+    vf mx[ROWS], sum[ROWS];
+    for (int r = 0; r < R; r++) {
+        for (int t = 0; t < COL_TILES; t++)
+            sc[r][t] = sc[r][t] * splat(scale) + load(bias + r * COL_TILES * LANES + t * LANES);
+        mx[r] = vmax(vmax(sc[r][0], sc[r][1]), vmax(sc[r][2], sc[r][3]));
+    }
+    row_max(R, mx, m);
+    for (int r = 0; r < R; r++) {
+        const vf mr = splat(m[r]);
+        for (int t = 0; t < COL_TILES; t++) sc[r][t] = exp_nonpositive(sc[r][t] - mr);
+        sum[r] = (sc[r][0] + sc[r][1]) + (sc[r][2] + sc[r][3]);
+    }
+    row_sum(R, sum, inv);
+    for (int r = 0; r < R; r++) inv[r] = 1.0f / inv[r];
 }
 
 /* Windows of at most 64 tokens (NP = 64): the scores of R rows stay in registers through the softmax;
@@ -210,23 +225,11 @@ static inline __attribute__((always_inline)) void softmax64(const struct unit *u
                                                             float *out, float *m, float *inv) {
     enum { NP = COL_TILES * LANES };
     const int D = u->D, DP = u->DP;
-    vf acc[ROWS][COL_TILES] = {}, mx[ROWS], sum[ROWS];
+    vf acc[ROWS][COL_TILES] = {};
     tile4(R, a, DP, bt, NP, D, acc);
-    for (int r = 0; r < R; r++) {
-        for (int t = 0; t < COL_TILES; t++) acc[r][t] = acc[r][t] * splat(scale) + load(bias + r * NP + t * LANES);
-        mx[r] = vmax(vmax(acc[r][0], acc[r][1]), vmax(acc[r][2], acc[r][3]));
-    }
-    row_max(R, mx, m);
-    for (int r = 0; r < R; r++) {
-        const vf mr = splat(m[r]);
-        for (int t = 0; t < COL_TILES; t++) {
-            acc[r][t] = exp_nonpositive(acc[r][t] - mr);
-            store(out + r * NP + t * LANES, acc[r][t]);
-        }
-        sum[r] = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
-    }
-    row_sum(R, sum, inv);
-    for (int r = 0; r < R; r++) inv[r] = 1.0f / inv[r];
+    softmax64_regs(R, acc, bias, scale, m, inv);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < COL_TILES; t++) store(out + r * NP + t * LANES, acc[r][t]);
 }
 
 static inline int pad(int n) { return (n + LANES - 1) / LANES * LANES; }
@@ -423,21 +426,14 @@ static inline __attribute__((always_inline)) void softmax64_bf16(int R, const vo
     enum { NP = COL_TILES * LANES };
     __m512 acc[ROWS][COL_TILES];
     tile4_bf16(R, q, kt2, DH, NP, acc);
-    vf sc[ROWS][COL_TILES], mx[ROWS], sum[ROWS];
+    vf sc[ROWS][COL_TILES];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < COL_TILES; t++) sc[r][t] = (vf)acc[r][t];
+    softmax64_regs(R, sc, bias, scale, m, inv);
     for (int r = 0; r < R; r++) {
-        for (int t = 0; t < COL_TILES; t++) sc[r][t] = (vf)acc[r][t] * splat(scale) + load(bias + r * NP + t * LANES);
-        mx[r] = vmax(vmax(sc[r][0], sc[r][1]), vmax(sc[r][2], sc[r][3]));
-    }
-    row_max(R, mx, m);
-    for (int r = 0; r < R; r++) {
-        const vf mr = splat(m[r]);
-        for (int t = 0; t < COL_TILES; t++) sc[r][t] = exp_nonpositive(sc[r][t] - mr);
-        sum[r] = (sc[r][0] + sc[r][1]) + (sc[r][2] + sc[r][3]);
         _mm512_storeu_si512(pw + r * NP / 2, (__m512i)_mm512_cvtne2ps_pbh((__m512)sc[r][1], (__m512)sc[r][0]));
         _mm512_storeu_si512(pw + r * NP / 2 + LANES, (__m512i)_mm512_cvtne2ps_pbh((__m512)sc[r][3], (__m512)sc[r][2]));
     }
-    row_sum(R, sum, inv);
-    for (int r = 0; r < R; r++) inv[r] = 1.0f / inv[r];
 }
 
 /* pw (R, NP / 2 words): R rows of probabilities (float32, (R, NP), zero past N) as bfloat16 pairs; then
@@ -614,12 +610,12 @@ int swinx_window_attention(const void *q, const int64_t *qs, const void *k, cons
                             softmax64(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m, inv);
                         else {
                             products(&u, ROWS, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
-                            softmax_rows(&u, ROWS, scores, m, inv);
+                            softmax_rows_np(ROWS, NP, scores, m, inv);
                         }
                         weighted(&u, ROWS, scores, NP, 1, vv, inv, o);
                     } else {
                         products(&u, 1, qq + (int64_t)i * DP, kt, bu + (int64_t)i * NP, scale, scores, m);
-                        softmax_rows(&u, 1, scores, m, inv);
+                        softmax_rows_np(1, NP, scores, m, inv);
                         weighted(&u, 1, scores, NP, 1, vv, inv, o);
                     }
                     put_rows(o, out, bf16, os, b, h, rows + i, R, (int)D);
