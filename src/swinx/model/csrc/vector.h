@@ -32,6 +32,26 @@ static inline vf load(const float *p) {
 
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
+/* 16 bfloat16 values as float32 (exact), and float32 rounded to bfloat16, to nearest even as PyTorch
+ * rounds (finite values); GCC's conversions become one widening or narrowing move per vector. */
+typedef uint16_t vh __attribute__((vector_size(LANES * sizeof(uint16_t))));
+
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    const vi bits = __builtin_convertvector(h, vi) << 16;
+    vf v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline void store_bf16(uint16_t *p, vf v) {
+    vi bits;
+    memcpy(&bits, &v, sizeof bits);
+    const vh h = __builtin_convertvector((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, vh);
+    memcpy(p, &h, sizeof h);
+}
+
 static inline vf where(vi mask, vf a, vf b) { /* a where mask, else b */
     vi ai, bi;
     memcpy(&ai, &a, sizeof ai);

@@ -252,7 +252,9 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as PyTorch d
 }
 
 static inline void read_row(float *dst, const char *src, int D, int bf16) {
-    if (bf16)
+    if (bf16 && D % LANES == 0)
+        for (int d = 0; d < D; d += LANES) store(dst + d, load_bf16((const uint16_t *)src + d));
+    else if (bf16)
         for (int d = 0; d < D; d++) dst[d] = from_bf16(((const uint16_t *)src)[d]);
     else if (D % LANES == 0) /* whole vectors, inline */
         for (int d = 0; d < D; d += LANES) store(dst + d, load((const float *)src + d));
@@ -305,9 +307,21 @@ static inline void transpose_words16(uint32_t *kt2, const void *k, int es, const
 static inline void gather_transposed(float *dst, const void *base, int bf16, const int64_t *s, int64_t b,
                                      int64_t h, const int64_t *rows, int N, int NP, int D) {
 #ifdef __AVX512F__
-    if (!bf16 && D % 16 == 0) {
-        for (int d0 = 0; d0 < D; d0 += 16)
-            transpose_words16((uint32_t *)dst + (int64_t)d0 * NP, base, 4, s, b, h, rows, N, NP, d0);
+    if (D % 16 == 0) {
+        if (bf16) { /* widened to float32 rows first, then transposed as those */
+            float wide[N * D];
+            int64_t order[N];
+            const int64_t ws[3] = {0, D, 0};
+            for (int i = 0; i < N; i++) {
+                read_row(wide + (int64_t)i * D, ROW(base, 2, s, b, h, rows[i]), D, 1);
+                order[i] = i;
+            }
+            for (int d0 = 0; d0 < D; d0 += 16)
+                transpose_words16((uint32_t *)dst + (int64_t)d0 * NP, wide, 4, ws, 0, 0, order, N, NP, d0);
+        } else {
+            for (int d0 = 0; d0 < D; d0 += 16)
+                transpose_words16((uint32_t *)dst + (int64_t)d0 * NP, base, 4, s, b, h, rows, N, NP, d0);
+        }
         return;
     }
 #endif
@@ -330,7 +344,9 @@ static inline void put_rows(float *const *o, void *base, int bf16, const int64_t
     if (bf16)
         for (int r = 0; r < R; r++) {
             uint16_t *dst = (uint16_t *)ROW(base, 2, s, b, h, rows[r]);
-            for (int d = 0; d < D; d++) dst[d] = to_bf16(o[r][d]);
+            int d = 0;
+            for (; d + LANES <= D; d += LANES) store_bf16(dst + d, load(o[r] + d));
+            for (; d < D; d++) dst[d] = to_bf16(o[r][d]);
         }
 }
 
