@@ -145,20 +145,29 @@ def test_bfloat16_kernel_matches_float64_attention(shape, per_window_bias, bf16_
 @needs_kernels
 @pytest.mark.skipif(not HAVE_BF16_DOT, reason="this CPU has no AVX512-BF16")
 def test_bfloat16_dot_products_are_the_path_taken_here(tmp_path, monkeypatch):
-    """On an AVX512-BF16 core the build takes the vdpbf16ps path (its probabilities rounded to bfloat16
-    give other last bits than the float32-inside path), and both agree within bfloat16's rounding."""
+    """On an AVX512-BF16 core the build takes the vdpbf16ps paths, forward and backward (probabilities and
+    their gradients rounded to bfloat16 give other last bits than the float32-inside path), and both
+    agree within bfloat16's rounding."""
     torch.manual_seed(0)
     qkv = torch.randn(2, 4 * 49, 3, 3, 32).bfloat16()
-    tokens, bias = torch.randperm(4 * 49), attention.pad_keys(torch.randn(1, 3, 49, 49))
-    outs = []
+    tokens, table = torch.randperm(4 * 49), torch.randn(1, 3, 49, 49)
+    grad = torch.randn(2, 4 * 49, 3 * 32).bfloat16()
+    outs, grads = [], []
     for flags in ("", "-DSWINX_NO_BF16_DOT"):
         monkeypatch.setenv("SWINX_NATIVE_CFLAGS", flags)
         monkeypatch.setenv("SWINX_CACHE", str(tmp_path / (flags or "native")))
         native.reset()
-        outs.append(attention._native_attention(qkv, tokens, bias, 32**-0.5).float())
+        x, bias = qkv.clone().requires_grad_(), table.clone().requires_grad_()
+        out = attention._native_attention(x, tokens, attention.pad_keys(bias), 32**-0.5)
+        out.backward(grad)
+        outs.append(out.detach().float())
+        grads.append((x.grad.float(), bias.grad))
     native.reset()
     assert not torch.equal(outs[0], outs[1])
     assert max_diff(outs[0], outs[1]) < 2e-2 * outs[1].abs().max()
+    for dot, inside in zip(grads[0], grads[1], strict=True):
+        assert not torch.equal(dot, inside)
+        assert max_diff(dot, inside) < 2e-2 * inside.abs().max()
 
 
 @needs_kernels

@@ -431,7 +431,8 @@ static inline __attribute__((always_inline)) void products_bf16(int R, const voi
         }
         scores_out(R, 1, acc, NP, c0, bias, scale, out, mx);
     }
-    row_max(R, mx, m);
+    if (m)
+        row_max(R, mx, m);
 }
 
 /* Windows of at most 64 tokens (NP = 64: 7 x 7, 8 x 8): scores, softmax and their bfloat16 pairs for R
@@ -453,7 +454,8 @@ static inline __attribute__((always_inline)) void softmax64_bf16(int R, const vo
 }
 
 /* pw (R, NP / 2 words): R rows of probabilities (float32, (R, NP), zero past N) as bfloat16 pairs; then
- * out rows (bfloat16, D values) = inv[r] * sum_j P[r][j] v[j]. */
+ * out rows (bfloat16, D values) = inv[r] * sum_j w(r, j) . vv2[j], word w(r, j) = pw[r * rs + j * js]
+ * (rows of pairs: P v, dS k; or columns of pair rows: P^T do, dS^T q). */
 static inline __attribute__((always_inline)) void to_pairs(int R, const float *P, uint32_t *pw, int NP) {
     for (int r = 0; r < R; r++)
         for (int c = 0; c < NP; c += LANES)
@@ -461,7 +463,7 @@ static inline __attribute__((always_inline)) void to_pairs(int R, const float *P
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * NP + c)));
 }
 
-static inline __attribute__((always_inline)) void weighted_bf16(int R, const uint32_t *pw, int NP,
+static inline __attribute__((always_inline)) void weighted_bf16(int R, const uint32_t *pw, int rs, int js,
                                                                 const __m512i *vv2, int pairs, int D,
                                                                 const float *inv, void *const *out) {
     const int chunks = (D + 31) / 32;
@@ -472,7 +474,7 @@ static inline __attribute__((always_inline)) void weighted_bf16(int R, const uin
             __m512i v0 = vv2[((int64_t)j * chunks + ch) * 2], v1 = vv2[((int64_t)j * chunks + ch) * 2 + 1];
             KEEP(v0); KEEP(v1);
             for (int r = 0; r < R; r++) {
-                const __m512i a = _mm512_set1_epi32((int)pw[r * NP / 2 + j]);
+                const __m512i a = _mm512_set1_epi32((int)pw[r * rs + (int64_t)j * js]);
                 acc[r][0] = dot_bf16(acc[r][0], a, v0);
                 acc[r][1] = dot_bf16(acc[r][1], a, v1);
             }
@@ -486,6 +488,25 @@ static inline __attribute__((always_inline)) void weighted_bf16(int R, const uin
                 _mm256_mask_storeu_epi16((uint16_t *)out[r] + d0, mask, o);
             }
     }
+}
+
+/* A unit's bfloat16 rows interleaved in pairs of tokens: vectors 2 (j chunks + ch) and 2 (j chunks + ch) + 1
+ * hold dims 32 ch .. 32 ch + 15 and .. + 31 of tokens 2j and 2j + 1 as words (row 2j's value low); a
+ * missing token 2j + 1 and dims past D read as zero. lo and hi are the forward's word-index vectors. */
+static inline __attribute__((always_inline)) void interleave_pairs(__m512i *vv2, const void *v, const int64_t *vs,
+                                                                   int64_t b, int64_t h, const int64_t *rows, int N,
+                                                                   int D, __m512i lo, __m512i hi) {
+    const int chunks = (D + 31) / 32;
+    for (int j = 0; j < (N + 1) / 2; j++)
+        for (int ch = 0; ch < chunks; ch++) {
+            const int left = D - ch * 32;
+            const __mmask32 mask = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+            const __m512i a = _mm512_maskz_loadu_epi16(mask, ROW(v, 2, vs, b, h, rows[2 * j]) + 64 * ch);
+            const __m512i c = 2 * j + 1 < N ? _mm512_maskz_loadu_epi16(mask, ROW(v, 2, vs, b, h, rows[2 * j + 1]) + 64 * ch)
+                                            : _mm512_setzero_si512();
+            vv2[((int64_t)j * chunks + ch) * 2] = _mm512_permutex2var_epi16(a, lo, c);
+            vv2[((int64_t)j * chunks + ch) * 2 + 1] = _mm512_permutex2var_epi16(a, hi, c);
+        }
 }
 
 static int forward_bf16(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
@@ -525,17 +546,7 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
                         const char *kr = ROW(k, 2, ks, b, h, rows[i]);
                         for (int p = 0; p < DH; p++) kt2[(int64_t)p * NP + i] = word(kr, p);
                     }
-                for (int j = 0; j < pairs; j++)
-                    for (int ch = 0; ch < chunks; ch++) {
-                        const int left = (int)D - ch * 32;
-                        const __mmask32 mask = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
-                        const __m512i a = _mm512_maskz_loadu_epi16(mask, ROW(v, 2, vs, b, h, rows[2 * j]) + 64 * ch);
-                        const __m512i c = 2 * j + 1 < N
-                                              ? _mm512_maskz_loadu_epi16(mask, ROW(v, 2, vs, b, h, rows[2 * j + 1]) + 64 * ch)
-                                              : _mm512_setzero_si512();
-                        vv2[((int64_t)j * chunks + ch) * 2] = _mm512_permutex2var_epi16(a, lo, c);
-                        vv2[((int64_t)j * chunks + ch) * 2 + 1] = _mm512_permutex2var_epi16(a, hi, c);
-                    }
+                interleave_pairs(vv2, v, vs, b, h, rows, (int)N, (int)D, lo, hi);
                 const float *bu = bias + ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
                 for (int i = 0; i < N;) {
                     const int R = N - i >= ROWS ? ROWS : 1;
@@ -561,9 +572,9 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
                         to_pairs(1, scores, pw, NP);
                     }
                     if (R == ROWS)
-                        weighted_bf16(ROWS, pw, NP, vv2, pairs, (int)D, inv, o);
+                        weighted_bf16(ROWS, pw, NP / 2, 1, vv2, pairs, (int)D, inv, o);
                     else
-                        weighted_bf16(1, pw, NP, vv2, pairs, (int)D, inv, o);
+                        weighted_bf16(1, pw, NP / 2, 1, vv2, pairs, (int)D, inv, o);
                     if (lse)
                         for (int r = 0; r < R; r++) lse[id * N + i + r] = m[r] - logf(inv[r]);
                     i += R;
@@ -572,6 +583,155 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
             free(buf);
         }
     }
+    return failed;
+}
+
+/* One block of R query rows i.. of the bfloat16 backward: P (exp of the recomputed scores less the
+ * log-sum-exp) and dP = do v^T by dot products, then dS = P (dP - rowsum(do o)) and the bias gradient
+ * in float32, then dq = scale dS k with dS's rows as bfloat16 pairs of keys. P and dS stay in their
+ * (N, NP) float32 buffers for dv and dk. */
+static inline __attribute__((always_inline)) void backward_rows_bf16(
+    int R, const void *const *qr, const void *const *dor, const void *const *orr, void *const *dqr,
+    const uint32_t *kt2, const uint32_t *vt2, const __m512i *kk2, int pairs, int NP, const float *bias,
+    const float *lse, float scale, const float *scales, float *P, float *dS, float *dbias, uint32_t *dsw) {
+    products_bf16(R, qr, kt2, 16, NP, bias, scale, P, NULL);
+    products_bf16(R, dor, vt2, 16, NP, NULL, 1.0f, dS, NULL);
+    for (int r = 0; r < R; r++) {
+        const uint16_t *d16 = dor[r], *o16 = orr[r];
+        const vf dot = load_bf16(d16) * load_bf16(o16) + load_bf16(d16 + LANES) * load_bf16(o16 + LANES);
+        const vf delta = splat(hsum(dot)), mr = splat(lse[r]);
+        for (int c = 0; c < NP; c += LANES) {
+            float *pc = P + r * NP + c, *sc = dS + r * NP + c, *bc = dbias + r * NP + c;
+            const vf p = exp_nonpositive(load(pc) - mr), ds = p * (load(sc) - delta);
+            store(pc, p);
+            store(sc, ds);
+            store(bc, load(bc) + ds);
+        }
+    }
+    to_pairs(R, dS, dsw, NP);
+    weighted_bf16(R, dsw, NP / 2, 1, kk2, pairs, 32, scales, dqr);
+}
+
+/* bfloat16 backward on AVX512-BF16 cores for head dim 32 (every Swin variant's): all five products as
+ * vdpbf16ps dot products, twice the float32 rate. S = q k^T and dP = do v^T as the forward's scores;
+ * dq = scale dS k against k interleaved in pairs of keys; dv = P^T do and dk = scale dS^T q with P and dS
+ * as bfloat16 pairs of queries (word c of pair row i holds rows 2i and 2i + 1 of column c), against do and
+ * q interleaved in pairs of queries. P, dS, the row sums and the bias gradient are float32; P and dS are
+ * rounded to bfloat16 for the products they feed, as the forward rounds P for P v. */
+static int backward_bf16(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
+                         const int64_t *vs, const int64_t *tokens, const float *bias, int64_t bias_windows,
+                         const void *out, const int64_t *os, const void *dout, const int64_t *dos, const float *lse,
+                         void *dq, const int64_t *dqs, void *dk, const int64_t *dks, void *dv, const int64_t *dvs,
+                         float *dbias, int64_t B, int64_t nW, int64_t heads, int64_t N, float scale, int threads) {
+    enum { D = 32, DH = 16 };
+    const int NP = pad((int)N), pairs = ((int)N + 1) / 2;
+    const int64_t units = B * nW * heads, bias_size = bias_windows * heads * N * NP;
+    uint16_t lo_idx[32], hi_idx[32], zip_idx[32];
+    for (int e = 0; e < 32; e++) lo_idx[e] = (uint16_t)((e & 1) * 32 + e / 2), hi_idx[e] = (uint16_t)(lo_idx[e] + 16);
+    for (int c = 0; c < 16; c++) zip_idx[2 * c] = (uint16_t)c, zip_idx[2 * c + 1] = (uint16_t)(16 + c);
+    float scales[ROWS], ones[ROWS];
+    for (int r = 0; r < ROWS; r++) scales[r] = scale, ones[r] = 1.0f;
+    float **partial = calloc((size_t)threads, sizeof(float *)); /* each thread's bias gradient */
+    if (!partial) return 1;
+    int failed = 0, team = 1;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int me = omp_get_thread_num();
+#pragma omp single
+        team = omp_get_num_threads();
+#else
+        const int me = 0;
+#endif
+        /* kk2, dd2, qq2 (pairs x 2 vectors each), kt2, vt2 (DH x NP words), P, dS (N x NP), dsw (ROWS x NP / 2
+         * words), PP2, SS2 (pairs x NP words): every size a multiple of 64 bytes */
+        const size_t interleaved = (size_t)pairs * 2, tw = (size_t)DH * NP, pn = (size_t)N * NP, pw = (size_t)pairs * NP;
+        char *buf = aligned_alloc(64, 64 * 3 * interleaved + 4 * (2 * tw + 2 * pn + (size_t)ROWS * NP / 2 + 2 * pw));
+        float *db = calloc((size_t)bias_size, sizeof(float));
+        partial[me] = db;
+        if (!buf || !db) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            __m512i *kk2 = (__m512i *)buf, *dd2 = kk2 + interleaved, *qq2 = dd2 + interleaved;
+            uint32_t *kt2 = (uint32_t *)(qq2 + interleaved), *vt2 = kt2 + tw;
+            float *P = (float *)(vt2 + tw), *dS = P + pn;
+            uint32_t *dsw = (uint32_t *)(dS + pn), *PP2 = dsw + (size_t)ROWS * NP / 2, *SS2 = PP2 + pw;
+            const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+            const __m512i zip = _mm512_loadu_si512(zip_idx);
+#pragma omp for schedule(static)
+            for (int64_t id = 0; id < units; id++) {
+                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
+                const int64_t *rows = tokens + w * N;
+                const int64_t next = id + 1 < units ? id + 1 : id; /* fetched while this unit computes */
+                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
+                transpose_words16(kt2, k, 2, ks, b, h, rows, (int)N, NP, 0);
+                transpose_words16(vt2, v, 2, vs, b, h, rows, (int)N, NP, 0);
+                interleave_pairs(kk2, k, ks, b, h, rows, (int)N, D, lo, hi);
+                interleave_pairs(dd2, dout, dos, b, h, rows, (int)N, D, lo, hi);
+                interleave_pairs(qq2, q, qs, b, h, rows, (int)N, D, lo, hi);
+                const int64_t slot = ((bias_windows == 1 ? 0 : w) * heads + h) * N * NP;
+                for (int i = 0; i < N;) {
+                    const int R = N - i >= ROWS ? ROWS : 1;
+                    prefetch_rows(q, 2, qs, b1, h1, rows1, i, R, D);
+                    prefetch_rows(k, 2, ks, b1, h1, rows1, i, R, D);
+                    prefetch_rows(v, 2, vs, b1, h1, rows1, i, R, D);
+                    prefetch_rows(out, 2, os, b1, h1, rows1, i, R, D);
+                    prefetch_rows(dout, 2, dos, b1, h1, rows1, i, R, D);
+                    const void *qr[ROWS], *dor[ROWS], *orr[ROWS];
+                    void *dqr[ROWS];
+                    for (int r = 0; r < R; r++) {
+                        const int64_t t = rows[i + r];
+                        qr[r] = ROW(q, 2, qs, b, h, t), dor[r] = ROW(dout, 2, dos, b, h, t);
+                        orr[r] = ROW(out, 2, os, b, h, t), dqr[r] = ROW(dq, 2, dqs, b, h, t);
+                    }
+                    float *Pi = P + (int64_t)i * NP, *dSi = dS + (int64_t)i * NP, *dbi = db + slot + (int64_t)i * NP;
+                    const float *bi = bias + slot + (int64_t)i * NP, *li = lse + id * N + i;
+                    if (R == ROWS)
+                        backward_rows_bf16(ROWS, qr, dor, orr, dqr, kt2, vt2, kk2, pairs, NP, bi, li, scale, scales,
+                                           Pi, dSi, dbi, dsw);
+                    else
+                        backward_rows_bf16(1, qr, dor, orr, dqr, kt2, vt2, kk2, pairs, NP, bi, li, scale, scales, Pi,
+                                           dSi, dbi, dsw);
+                    i += R;
+                }
+                for (int i = 0; i < pairs; i++) /* P and dS as bfloat16 pairs of queries (a missing row 2i + 1: 0) */
+                    for (int c = 0; c < NP; c += LANES) {
+                        const int odd = 2 * i + 1 < N;
+                        const __m512 pe = _mm512_loadu_ps(P + (int64_t)2 * i * NP + c);
+                        const __m512 po = odd ? _mm512_loadu_ps(P + (int64_t)(2 * i + 1) * NP + c) : _mm512_setzero_ps();
+                        const __m512 se = _mm512_loadu_ps(dS + (int64_t)2 * i * NP + c);
+                        const __m512 so = odd ? _mm512_loadu_ps(dS + (int64_t)(2 * i + 1) * NP + c) : _mm512_setzero_ps();
+                        _mm512_storeu_si512(PP2 + (int64_t)i * NP + c,
+                                            _mm512_permutexvar_epi16(zip, (__m512i)_mm512_cvtne2ps_pbh(po, pe)));
+                        _mm512_storeu_si512(SS2 + (int64_t)i * NP + c,
+                                            _mm512_permutexvar_epi16(zip, (__m512i)_mm512_cvtne2ps_pbh(so, se)));
+                    }
+                for (int j = 0; j < N;) {
+                    const int R = N - j >= ROWS ? ROWS : 1;
+                    void *dvr[ROWS], *dkr[ROWS];
+                    for (int r = 0; r < R; r++)
+                        dvr[r] = ROW(dv, 2, dvs, b, h, rows[j + r]), dkr[r] = ROW(dk, 2, dks, b, h, rows[j + r]);
+                    if (R == ROWS) {
+                        weighted_bf16(ROWS, PP2 + j, 1, NP, dd2, pairs, D, ones, dvr);
+                        weighted_bf16(ROWS, SS2 + j, 1, NP, qq2, pairs, D, scales, dkr);
+                    } else {
+                        weighted_bf16(1, PP2 + j, 1, NP, dd2, pairs, D, ones, dvr);
+                        weighted_bf16(1, SS2 + j, 1, NP, qq2, pairs, D, scales, dkr);
+                    }
+                    j += R;
+                }
+            }
+        }
+        free(buf);
+    }
+    if (!failed) /* the threads' bias gradients, summed */
+        for (int t = 0; t < team; t++)
+            for (int64_t e = 0; e < bias_size; e++) dbias[e] += partial[t][e];
+    for (int t = 0; t < threads; t++) free(partial[t]);
+    free(partial);
     return failed;
 }
 #endif
@@ -654,6 +814,11 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
                                     const int64_t *dks, void *dv, const int64_t *dvs, float *dbias, int bf16,
                                     int64_t B, int64_t nW, int64_t heads, int64_t N, int64_t D, float scale,
                                     int threads) {
+#ifdef BF16_DOT
+    if (bf16 && D == 32)
+        return backward_bf16(q, qs, k, ks, v, vs, tokens, bias, bias_windows, out, os, dout, dos, lse, dq, dqs, dk, dks,
+                             dv, dvs, dbias, B, nW, heads, N, scale, threads);
+#endif
     const struct unit u = {(int)N, pad((int)N), (int)D, pad((int)D), scale};
     const int NP = u.NP, DP = u.DP, es = bf16 ? 2 : 4;
     const int64_t units = B * nW * heads, bias_size = bias_windows * heads * N * NP;
