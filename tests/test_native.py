@@ -172,20 +172,27 @@ def test_bfloat16_dot_products_are_the_path_taken_here(tmp_path, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_takes_any_strides_and_thread_count(threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_takes_any_strides_and_thread_count(threads, dtype):
     """A contiguous (B, L, 3, heads, D) qkv and a view of one with other strides (q, k, v and heads
-    interleaved otherwise, rows apart) give the same answer, on any team size."""
+    interleaved otherwise, rows apart) give the same output and gradients, on any team size."""
     torch.manual_seed(threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         B, L, heads, N, D = 2, 4 * 49, 6, 49, 32
-        qkv = torch.randn(B, heads, 3, L + 5, D)[:, :, :, 5:].permute(0, 3, 2, 1, 4)  # (B, L, 3, heads, D)
+        base = torch.randn(B, heads, 3, L + 5, D, dtype=dtype, requires_grad=True)
+        qkv = base[:, :, :, 5:].permute(0, 3, 2, 1, 4)  # (B, L, 3, heads, D)
         assert not qkv.is_contiguous() and qkv.stride(-1) == 1
-        tokens, bias = torch.arange(L), attention.pad_keys(torch.randn(1, heads, N, N))
+        dense = qkv.detach().contiguous().requires_grad_()
+        tokens, bias = torch.randperm(L), attention.pad_keys(torch.randn(1, heads, N, N))
+        grad = torch.randn(B, L, heads * D, dtype=dtype)
         a = attention._native_attention(qkv, tokens, bias, 0.3)
-        b = attention._native_attention(qkv.contiguous(), tokens, bias, 0.3)
+        b = attention._native_attention(dense, tokens, bias, 0.3)
         assert max_diff(a, b) == 0
+        a.backward(grad)
+        b.backward(grad)
+        assert max_diff(base.grad[:, :, :, 5:].permute(0, 3, 2, 1, 4), dense.grad) == 0
     finally:
         torch.set_num_threads(before)
 
