@@ -350,6 +350,58 @@ static inline void put_rows(float *const *o, void *base, int bf16, const int64_t
         }
 }
 
+/* Unit id's image b, head h, window w and the window's token rows, and the same of the next unit (the
+ * last unit's next is itself), whose rows are prefetched while this one computes. */
+struct unit_at {
+    int64_t b, h, w, b1, h1;
+    const int64_t *rows, *rows1;
+};
+
+static inline struct unit_at locate(int64_t id, int64_t units, int64_t heads, int64_t nW, int64_t N,
+                                    const int64_t *tokens) {
+    const int64_t next = id + 1 < units ? id + 1 : id;
+    return (struct unit_at){id / heads / nW, id % heads, id / heads % nW, next / heads / nW, next % heads,
+                            tokens + id / heads % nW * N, tokens + next / heads % nW * N};
+}
+
+/* This thread's index in the team, and the team's size into *team (once, with a barrier after). */
+static inline int team_slot(int *team) {
+#ifdef _OPENMP
+#pragma omp single
+    *team = omp_get_num_threads();
+    return omp_get_thread_num();
+#else
+    *team = 1;
+    return 0;
+#endif
+}
+
+/* This thread's zeroed bias gradient, into partial[me]; then whether every thread of the team has
+ * both it and its work buffer buf (after a barrier, so that no thread starts while another failed). */
+static inline int team_ready(float **partial, int me, int64_t bias_size, const void *buf, int *failed) {
+    float *db = calloc((size_t)bias_size, sizeof(float));
+    partial[me] = db;
+    if (!buf || !db) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int failed_now;
+#pragma omp atomic read
+    failed_now = *failed;
+    return !failed_now;
+}
+
+/* The threads' bias gradients summed into dbias (unless a thread failed), then freed. */
+static int sum_partials(float *dbias, float **partial, int team, int threads, int64_t size, int failed) {
+    if (!failed)
+        for (int t = 0; t < team; t++)
+            for (int64_t e = 0; e < size; e++) dbias[e] += partial[t][e];
+    for (int t = 0; t < threads; t++) free(partial[t]);
+    free(partial);
+    return failed;
+}
+
 static inline void prefetch_rows(const void *base, int es, const int64_t *s, int64_t b, int64_t h,
                                  const int64_t *rows, int i0, int R, int D) {
     for (int r = i0; r < i0 + R; r++)
@@ -535,10 +587,9 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
             const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
-                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
-                const int64_t *rows = tokens + w * N;
-                const int64_t next = id + 1 < units ? id + 1 : id;
-                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
+                const struct unit_at at = locate(id, units, heads, nW, N, tokens);
+                const int64_t b = at.b, h = at.h, w = at.w, b1 = at.b1, h1 = at.h1;
+                const int64_t *rows = at.rows, *rows1 = at.rows1;
                 if (DH == 16)
                     transpose_words16(kt2, k, 2, ks, b, h, rows, (int)N, NP, 0);
                 else
@@ -636,25 +687,13 @@ static int backward_bf16(const void *q, const int64_t *qs, const void *k, const 
     int failed = 0, team = 1;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int me = omp_get_thread_num();
-#pragma omp single
-        team = omp_get_num_threads();
-#else
-        const int me = 0;
-#endif
+        const int me = team_slot(&team);
         /* kk2, dd2, qq2 (pairs x 2 vectors each), kt2, vt2 (DH x NP words), P, dS (N x NP), dsw (ROWS x NP / 2
          * words), PP2, SS2 (pairs x NP words): every size a multiple of 64 bytes */
         const size_t interleaved = (size_t)pairs * 2, tw = (size_t)DH * NP, pn = (size_t)N * NP, pw = (size_t)pairs * NP;
         char *buf = aligned_alloc(64, 64 * 3 * interleaved + 4 * (2 * tw + 2 * pn + (size_t)ROWS * NP / 2 + 2 * pw));
-        float *db = calloc((size_t)bias_size, sizeof(float));
-        partial[me] = db;
-        if (!buf || !db) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        if (team_ready(partial, me, bias_size, buf, &failed)) {
+            float *db = partial[me];
             __m512i *kk2 = (__m512i *)buf, *dd2 = kk2 + interleaved, *qq2 = dd2 + interleaved;
             uint32_t *kt2 = (uint32_t *)(qq2 + interleaved), *vt2 = kt2 + tw;
             float *P = (float *)(vt2 + tw), *dS = P + pn;
@@ -663,10 +702,9 @@ static int backward_bf16(const void *q, const int64_t *qs, const void *k, const 
             const __m512i zip = _mm512_loadu_si512(zip_idx);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
-                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
-                const int64_t *rows = tokens + w * N;
-                const int64_t next = id + 1 < units ? id + 1 : id; /* fetched while this unit computes */
-                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
+                const struct unit_at at = locate(id, units, heads, nW, N, tokens);
+                const int64_t b = at.b, h = at.h, w = at.w, b1 = at.b1, h1 = at.h1;
+                const int64_t *rows = at.rows, *rows1 = at.rows1;
                 transpose_words16(kt2, k, 2, ks, b, h, rows, (int)N, NP, 0);
                 transpose_words16(vt2, v, 2, vs, b, h, rows, (int)N, NP, 0);
                 interleave_pairs(kk2, k, ks, b, h, rows, (int)N, D, lo, hi);
@@ -727,12 +765,7 @@ static int backward_bf16(const void *q, const int64_t *qs, const void *k, const 
         }
         free(buf);
     }
-    if (!failed) /* the threads' bias gradients, summed */
-        for (int t = 0; t < team; t++)
-            for (int64_t e = 0; e < bias_size; e++) dbias[e] += partial[t][e];
-    for (int t = 0; t < threads; t++) free(partial[t]);
-    free(partial);
-    return failed;
+    return sum_partials(dbias, partial, team, threads, bias_size, failed);
 }
 #endif
 
@@ -765,11 +798,9 @@ int swinx_window_attention(const void *q, const int64_t *qs, const void *k, cons
             memset(buf, 0, sizeof(float) * kept);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
-                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
-                const int64_t *rows = tokens + w * N; /* this window's tokens */
-                /* The next unit's rows are fetched a block of rows at a time while this unit computes. */
-                const int64_t next = id + 1 < units ? id + 1 : id;
-                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
+                const struct unit_at at = locate(id, units, heads, nW, N, tokens);
+                const int64_t b = at.b, h = at.h, w = at.w, b1 = at.b1, h1 = at.h1;
+                const int64_t *rows = at.rows, *rows1 = at.rows1;
                 gather_transposed(kt, k, bf16, ks, b, h, rows, (int)N, NP, (int)D);
                 gather_rows(vv, v, bf16, vs, b, h, rows, (int)N, (int)D, DP);
                 gather_rows(qq, q, bf16, qs, b, h, rows, (int)N, (int)D, DP);
@@ -829,34 +860,21 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
     if (!partial) return 1;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int me = omp_get_thread_num();
-#pragma omp single
-        team = omp_get_num_threads();
-#else
-        const int me = 0;
-#endif
+        const int me = team_slot(&team);
         /* k^T, v^T, then k, q, o, do as rows (zero padding set once), P and dS */
         const size_t kept = 2 * (size_t)DP * NP + 4 * (size_t)N * DP;
         float *buf = aligned_alloc(64, sizeof(float) * (kept + 2 * (size_t)N * NP + 2 * (size_t)ROWS * DP));
-        float *db = calloc((size_t)bias_size, sizeof(float));
-        partial[me] = db;
-        if (!buf || !db) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        if (team_ready(partial, me, bias_size, buf, &failed)) {
+            float *db = partial[me];
             float *kt = buf, *vt = kt + (size_t)DP * NP, *kk = vt + (size_t)DP * NP, *qq = kk + (size_t)N * DP;
             float *oo = qq + (size_t)N * DP, *dd = oo + (size_t)N * DP, *P = dd + (size_t)N * DP;
             float *dS = P + (size_t)N * NP, *stage = dS + (size_t)N * NP, *stage2 = stage + (size_t)ROWS * DP;
             memset(buf, 0, sizeof(float) * kept);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
-                const int64_t h = id % heads, w = id / heads % nW, b = id / heads / nW;
-                const int64_t *rows = tokens + w * N;
-                const int64_t next = id + 1 < units ? id + 1 : id; /* fetched while this unit computes */
-                const int64_t h1 = next % heads, b1 = next / heads / nW, *rows1 = tokens + next / heads % nW * N;
+                const struct unit_at at = locate(id, units, heads, nW, N, tokens);
+                const int64_t b = at.b, h = at.h, w = at.w, b1 = at.b1, h1 = at.h1;
+                const int64_t *rows = at.rows, *rows1 = at.rows1;
                 gather_transposed(kt, k, bf16, ks, b, h, rows, (int)N, NP, (int)D);
                 gather_transposed(vt, v, bf16, vs, b, h, rows, (int)N, NP, (int)D);
                 gather_rows(kk, k, bf16, ks, b, h, rows, (int)N, (int)D, DP);
@@ -925,10 +943,5 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
         }
         free(buf);
     }
-    if (!failed) /* the threads' bias gradients, summed */
-        for (int t = 0; t < team; t++)
-            for (int64_t e = 0; e < bias_size; e++) dbias[e] += partial[t][e];
-    for (int t = 0; t < threads; t++) free(partial[t]);
-    free(partial);
-    return failed;
+    return sum_partials(dbias, partial, team, threads, bias_size, failed);
 }
