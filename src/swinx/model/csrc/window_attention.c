@@ -542,9 +542,18 @@ static inline __attribute__((always_inline)) void weighted_bf16(int R, const uin
     }
 }
 
+/* The permutations of two rows' 32 bfloat16 values each that interleave them as words: element k of lo
+ * (hi) picks element k / 2 (k / 2 + 16) of the first row for even k, of the second (index + 32) for odd k. */
+static inline void pair_index(__m512i *lo, __m512i *hi) {
+    uint16_t l[32], h[32];
+    for (int e = 0; e < 32; e++) l[e] = (uint16_t)((e & 1) * 32 + e / 2), h[e] = (uint16_t)(l[e] + 16);
+    *lo = _mm512_loadu_si512(l);
+    *hi = _mm512_loadu_si512(h);
+}
+
 /* A unit's bfloat16 rows interleaved in pairs of tokens: vectors 2 (j chunks + ch) and 2 (j chunks + ch) + 1
  * hold dims 32 ch .. 32 ch + 15 and .. + 31 of tokens 2j and 2j + 1 as words (row 2j's value low); a
- * missing token 2j + 1 and dims past D read as zero. lo and hi are the forward's word-index vectors. */
+ * missing token 2j + 1 and dims past D read as zero. lo and hi are `pair_index`'s. */
 static inline __attribute__((always_inline)) void interleave_pairs(__m512i *vv2, const void *v, const int64_t *vs,
                                                                    int64_t b, int64_t h, const int64_t *rows, int N,
                                                                    int D, __m512i lo, __m512i hi) {
@@ -567,9 +576,6 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
                         float scale, int threads) {
     const int NP = pad((int)N), DH = (int)D / 2, pairs = ((int)N + 1) / 2, chunks = ((int)D + 31) / 32;
     const int64_t units = B * nW * heads;
-    /* word k of the interleaved pair: element k / 2 of row 2j (even k) or of row 2j + 1 (odd k, index + 32) */
-    uint16_t lo_idx[32], hi_idx[32];
-    for (int e = 0; e < 32; e++) lo_idx[e] = (uint16_t)((e & 1) * 32 + e / 2), hi_idx[e] = (uint16_t)(lo_idx[e] + 16);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -584,7 +590,8 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
             float *scores = (float *)(kt2 + kt_words);
             uint32_t *pw = (uint32_t *)(scores + (size_t)ROWS * NP);
             memset(kt2, 0, 4 * kt_words); /* keys past N stay zero */
-            const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+            __m512i lo, hi;
+            pair_index(&lo, &hi);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
                 const struct unit_at at = locate(id, units, heads, nW, N, tokens);
@@ -637,10 +644,10 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
     return failed;
 }
 
-/* One block of R query rows i.. of the bfloat16 backward: P (exp of the recomputed scores less the
- * log-sum-exp) and dP = do v^T by dot products, then dS = P (dP - rowsum(do o)) and the bias gradient
- * in float32, then dq = scale dS k with dS's rows as bfloat16 pairs of keys. P and dS stay in their
- * (N, NP) float32 buffers for dv and dk. */
+/* One block of R query rows i.. of the bfloat16 backward (head dim 32: 16 words a row): P (exp of the
+ * recomputed scores less the log-sum-exp) and dP = do v^T by dot products, then dS = P (dP - rowsum(do o))
+ * and the bias gradient in float32, then dq = scale dS k with dS's rows as bfloat16 pairs of keys. P and
+ * dS stay in their (N, NP) float32 buffers for dv and dk. */
 static inline __attribute__((always_inline)) void backward_rows_bf16(
     int R, const void *const *qr, const void *const *dor, const void *const *orr, void *const *dqr,
     const uint32_t *kt2, const uint32_t *vt2, const __m512i *kk2, int pairs, int NP, const float *bias,
@@ -677,8 +684,7 @@ static int backward_bf16(const void *q, const int64_t *qs, const void *k, const 
     enum { D = 32, DH = 16 };
     const int NP = pad((int)N), pairs = ((int)N + 1) / 2;
     const int64_t units = B * nW * heads, bias_size = bias_windows * heads * N * NP;
-    uint16_t lo_idx[32], hi_idx[32], zip_idx[32];
-    for (int e = 0; e < 32; e++) lo_idx[e] = (uint16_t)((e & 1) * 32 + e / 2), hi_idx[e] = (uint16_t)(lo_idx[e] + 16);
+    uint16_t zip_idx[32]; /* two rows' 16 values side by side -> 16 words (row 2i low, 2i + 1 high) */
     for (int c = 0; c < 16; c++) zip_idx[2 * c] = (uint16_t)c, zip_idx[2 * c + 1] = (uint16_t)(16 + c);
     float scales[ROWS], ones[ROWS];
     for (int r = 0; r < ROWS; r++) scales[r] = scale, ones[r] = 1.0f;
@@ -698,7 +704,8 @@ static int backward_bf16(const void *q, const int64_t *qs, const void *k, const 
             uint32_t *kt2 = (uint32_t *)(qq2 + interleaved), *vt2 = kt2 + tw;
             float *P = (float *)(vt2 + tw), *dS = P + pn;
             uint32_t *dsw = (uint32_t *)(dS + pn), *PP2 = dsw + (size_t)ROWS * NP / 2, *SS2 = PP2 + pw;
-            const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+            __m512i lo, hi;
+            pair_index(&lo, &hi);
             const __m512i zip = _mm512_loadu_si512(zip_idx);
 #pragma omp for schedule(static)
             for (int64_t id = 0; id < units; id++) {
