@@ -743,3 +743,58 @@ def test_materialize_is_an_identity_with_a_gradient():
     torch.testing.assert_close(y, x)
     (y * torch.arange(4.0)).sum().backward()
     torch.testing.assert_close(x.grad, torch.arange(4.0).expand(3, 4))
+
+
+RESIZES = [  # (N, C, h, w) -> (H, W): integer and fractional factors, downsampling, sides of 1, the threshold
+    ((2, 3, 6, 6), (48, 48)),
+    ((2, 5, 12, 7), (192, 100)),
+    ((1, 4, 7, 13), (30, 31)),
+    ((3, 2, 50, 40), (17, 23)),
+    ((2, 3, 1, 1), (6, 6)),
+    ((1, 2, 1, 9), (5, 20)),
+    ((1, 3, ops.RESIZE_MAX_SIDE, 33), (256, 130)),
+]
+
+
+@pytest.mark.parametrize("shape, size", RESIZES)
+def test_bilinear_resize_matches_interpolate_with_gradients(shape, size):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    grad = torch.randn(*shape[:2], *size, dtype=torch.float64)
+    assert ops._resizes_by_products(x.float(), size)
+    exact_x = x.clone().requires_grad_()
+    exact = F.interpolate(exact_x, size, mode="bilinear", align_corners=False)  # float64: the reference
+    exact.backward(grad)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
+        ours_x = x.to(dtype).requires_grad_()
+        ours = ops.bilinear_resize(ours_x, size)
+        ours.backward(grad.to(dtype))
+        assert ours.dtype == dtype and ours.shape == exact.shape
+        scale = exact.abs().max()
+        assert max_diff(ours.double(), exact) <= tol * scale
+        assert max_diff(ours_x.grad.double(), exact_x.grad) <= tol * exact_x.grad.abs().max()
+        if dtype == torch.bfloat16:  # computed in float32 and rounded once, as PyTorch's own bf16 kernel
+            theirs = F.interpolate(x.to(dtype), size, mode="bilinear", align_corners=False)
+            assert max_diff(ours.double(), theirs.double()) <= 2**-7 * scale
+
+
+def test_bilinear_resize_under_autocast_keeps_the_inputs_dtype():
+    x = torch.randn(2, 4, 12, 12).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ops.bilinear_resize(x, (48, 48))
+        float_inside = ops.bilinear_resize(x.float(), (48, 48))
+    assert inside.dtype == torch.bfloat16 and float_inside.dtype == torch.float32
+    assert torch.equal(inside, ops.bilinear_resize(x, (48, 48)))
+    assert torch.equal(float_inside, ops.bilinear_resize(x.float(), (48, 48)))
+
+
+def test_bilinear_resize_leaves_large_inputs_and_traces_to_interpolate():
+    big = torch.randn(1, 2, ops.RESIZE_MAX_SIDE + 1, 8)
+    assert not ops._resizes_by_products(big, (200, 30))
+    assert torch.equal(ops.bilinear_resize(big, (200, 30)), F.interpolate(big, (200, 30), mode="bilinear"))
+    small = torch.randn(1, 2, 8, 8)
+    assert ops.bilinear_resize(small, (8, 8)) is small
+    with ops.plain_ops():
+        assert not ops._resizes_by_products(small, (32, 32))
+    traced = torch.jit.trace(lambda t: ops.bilinear_resize(t, (32, 32)), small)
+    assert "upsample_bilinear2d" in str(traced.graph) and "matmul" not in str(traced.graph)

@@ -14,6 +14,7 @@ torch.compile and tracing, where the compiler picks kernels itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 
@@ -510,3 +511,59 @@ def _(t):
 
 
 _materialize_op.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bilinear resizing as two small matrix products
+#
+# F.interpolate's bilinear kernel on CPUs costs a few nanoseconds per output element forward and
+# more backward (a scalar scatter-add), in bfloat16 more than in float32. Bilinear interpolation is
+# separable: out = A_h @ x @ A_w^T, with A (out, in) holding each output position's two weights.
+# For a small input the two products (2 x input side multiply-adds per output element, dense
+# zeros included) run at GEMM speed and their backward is two more products: a UperNet's decoder
+# upsamples stride-32..8 maps to stride 4 and its logits to the image, all from sides of 6 to 64.
+# Computed in float32 and rounded once to the input's dtype, as PyTorch's kernel does.
+
+RESIZE_MAX_SIDE = 64  # input sides up to this go through the products (measured crossover: ~96)
+
+
+def bilinear_resize(x: torch.Tensor, size) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=False) for (N, C, h, w) `x`; the same
+    numbers (float32 sums in another order), faster on CPUs for inputs of side <= RESIZE_MAX_SIDE."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if not _resizes_by_products(x, size):  # sizes stay as given: a traced graph keeps them symbolic
+        return F.interpolate(x, size, mode="bilinear", align_corners=False)
+    size = (int(size[0]), int(size[1]))
+    rows, cols = _bilinear_matrix(x.shape[-2], size[0]), _bilinear_matrix(x.shape[-1], size[1])
+    with torch.autocast("cpu", enabled=False):
+        return torch.matmul(rows, torch.matmul(x.float(), cols.t())).to(x.dtype)
+
+
+def _resizes_by_products(x: torch.Tensor, size) -> bool:
+    return (  # traced and compiled graphs keep the plain op (an ONNX Resize, inductor's own lowering)
+        _enabled
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and max(x.shape[-2:]) <= RESIZE_MAX_SIDE
+        and min(size) > 0
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float32: PyTorch's align_corners=False sampling (source = (i + 0.5) * n_in / n_out
+    - 0.5, clamped at 0; the upper neighbour clamped at the border), each row's two weights."""
+    scale = n_in / n_out
+    source = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    weight = source - low
+    matrix = torch.zeros(n_out, n_in)
+    rows = torch.arange(n_out)
+    matrix.index_put_((rows, low), 1 - weight, accumulate=True)
+    matrix.index_put_((rows, high), weight, accumulate=True)
+    return matrix

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from swinx.engine.data import READ_ERRORS, DataError, ShardSampler, open_image
 from swinx.engine.loop import Dist
 from swinx.engine.rundir import resolve_checkpoint
+from swinx.model.ops import bilinear_resize
 from swinx.segmentation import data as D
 from swinx.segmentation.evaluate import confusion_matrix, metrics
 from swinx.weights.checkpoint import CheckpointError, atomic_write, read_task_model
@@ -92,7 +92,7 @@ def slide_logits(model, image: torch.Tensor, crop, stride, batch_size: int = 8) 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x[None] if x.dim() == 3 else x, size, mode="bilinear", align_corners=False).squeeze(0)
+    return bilinear_resize(x[None] if x.dim() == 3 else x, size).squeeze(0)
 
 
 def predict_logits(model, images: list[torch.Tensor], settings: InferenceSettings) -> list[torch.Tensor]:

@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from swinx.model.backbone import SwinBackbone, create_backbone
+from swinx.model.ops import bilinear_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +49,7 @@ def norm_layer(kind: str, groups: int = 32):
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size, mode="bilinear", align_corners=False)
+    return bilinear_resize(x, size)  # F.interpolate(bilinear, align_corners=False), faster on small maps
 
 
 class PyramidPooling(nn.Module):
