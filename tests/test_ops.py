@@ -798,3 +798,16 @@ def test_bilinear_resize_leaves_large_inputs_and_traces_to_interpolate():
         assert not ops._resizes_by_products(small, (32, 32))
     traced = torch.jit.trace(lambda t: ops.bilinear_resize(t, (32, 32)), small)
     assert "upsample_bilinear2d" in str(traced.graph) and "matmul" not in str(traced.graph)
+
+
+def test_bilinear_resize_trains_after_inference_mode_built_its_matrices():
+    """The weight matrices are cached: made first under inference_mode (an evaluation), they must
+    still serve a training step's backward."""
+    ops._bilinear_matrix.cache_clear()
+    with torch.inference_mode():
+        ops.bilinear_resize(torch.randn(1, 2, 9, 11), (36, 40))
+    x = torch.randn(1, 2, 9, 11, requires_grad=True)
+    ops.bilinear_resize(x, (36, 40)).square().sum().backward()
+    y = x.detach().clone().requires_grad_()
+    F.interpolate(y, (36, 40), mode="bilinear", align_corners=False).square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)

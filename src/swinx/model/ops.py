@@ -556,14 +556,17 @@ def _resizes_by_products(x: torch.Tensor, size) -> bool:
 @functools.lru_cache(maxsize=64)
 def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """(n_out, n_in) float32: PyTorch's align_corners=False sampling (source = (i + 0.5) * n_in / n_out
-    - 0.5, clamped at 0; the upper neighbour clamped at the border), each row's two weights."""
-    scale = n_in / n_out
-    source = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
-    low = source.floor().long().clamp(max=n_in - 1)
-    high = (low + 1).clamp(max=n_in - 1)
-    weight = source - low
-    matrix = torch.zeros(n_out, n_in)
-    rows = torch.arange(n_out)
-    matrix.index_put_((rows, low), 1 - weight, accumulate=True)
-    matrix.index_put_((rows, high), weight, accumulate=True)
-    return matrix
+    - 0.5, clamped at 0; the upper neighbour clamped at the border), each row's two weights. Built
+    outside inference mode whatever the caller's: a cached inference tensor could not be saved for a
+    later backward."""
+    with torch.inference_mode(False):
+        scale = n_in / n_out
+        source = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+        low = source.floor().long().clamp(max=n_in - 1)
+        high = (low + 1).clamp(max=n_in - 1)
+        weight = source - low
+        matrix = torch.zeros(n_out, n_in)
+        rows = torch.arange(n_out)
+        matrix.index_put_((rows, low), 1 - weight, accumulate=True)
+        matrix.index_put_((rows, high), weight, accumulate=True)
+        return matrix
