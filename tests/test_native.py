@@ -334,12 +334,30 @@ def test_gelu_backward_kernel_matches_float64(n):
     torch.manual_seed(n)
     h = torch.cat([torch.linspace(-12, 12, 101), torch.randn(n) * 3, torch.randn(n) * 1e-3])
     grad = torch.randn_like(h)
-    dh, act = ops._gelu_backward(grad.clone(), h)
+    dh, act, _ = ops._gelu_backward(grad.clone(), h)
     exact_dh = torch.ops.aten.gelu_backward(grad.double(), h.double())
     exact_act = torch.nn.functional.gelu(h.double())
     assert max_diff(dh.double(), exact_dh) < 3e-6 and max_diff(act.double(), exact_act) < 3e-6
     out = grad.clone()
     assert ops._gelu_backward(out, h)[0] is out  # in place: the fresh gradient is reused
     strided = torch.randn(2 * h.numel())[::2]  # not contiguous: PyTorch's two passes
-    dh2, act2 = ops._gelu_backward(grad.clone(), strided)
+    dh2, act2, _ = ops._gelu_backward(grad.clone(), strided)
     torch.testing.assert_close(act2, torch.nn.functional.gelu(strided))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, width, threads", [(1, 16, 1), (37, 384, 2), (5, 21, 2), (3, 7, 4)])
+def test_gelu_backward_kernel_sums_the_bias_gradient(rows, width, threads, monkeypatch):
+    """With `sums`, the same pass also adds grad * GELU'(h) over the rows (fc1's bias gradient): equal to
+    the float64 sum for widths that end mid-vector and for more threads than rows."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(rows * width)
+    h, grad = torch.randn(rows, width) * 3, torch.randn(rows, width)
+    dh, act, dbias = ops._gelu_backward(grad.clone(), h, sums=True)
+    exact_dh = torch.ops.aten.gelu_backward(grad.double(), h.double())
+    assert max_diff(dh.double(), exact_dh) < 3e-6
+    assert max_diff(act.double(), torch.nn.functional.gelu(h.double())) < 3e-6
+    assert dbias.shape == (width,) and max_diff(dbias.double(), exact_dh.sum(0)) < 1e-5 * rows
+    strided = torch.randn(rows, 2 * width)[:, ::2]  # PyTorch's passes, the same three results
+    dh2, act2, dbias2 = ops._gelu_backward(grad.clone(), strided, sums=True)
+    torch.testing.assert_close(dbias2, dh2.sum(0))

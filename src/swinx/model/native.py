@@ -103,6 +103,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     gelu = lib.swinx_gelu_backward
     gelu.restype = None
     gelu.argtypes = [P] * 3 + [I64, ctypes.c_int]
+    gelu_sums = lib.swinx_gelu_backward_sums
+    gelu_sums.restype = None
+    gelu_sums.argtypes = [P] * 3 + [I64, I64, P, ctypes.c_int]
 
 
 def library() -> ctypes.CDLL | None:

@@ -138,7 +138,7 @@ def _onednn_trains_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if choice is None:
         with torch.no_grad():
             rows, w = x.detach().reshape(-1, x.shape[-1]), weight.detach()
-            wt, grad = w.t().contiguous(), F.linear(rows, w)  # the output stands in for its gradient
+            wt, grad = w.t(), F.linear(rows, w)  # the output stands in for its gradient
             onednn = best_seconds(lambda: (_onednn(rows, w, None), _onednn(grad, wt, None)))
             blas = best_seconds(lambda: (F.linear(rows, w), grad.mm(w)))
         choice = _TRAIN_CHOICE[key] = onednn < 0.95 * blas
@@ -246,7 +246,7 @@ def _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden,
     rows = x.reshape(-1, x.shape[-1])
     grad = grad.reshape(-1, grad.shape[-1])
     grads = [None] * 8
-    dhidden, activated = _gelu_backward(_grad_input(grad, w2, onednn[1]), hidden)
+    dhidden, activated, dbias = _gelu_backward(_grad_input(grad, w2, onednn[1]), hidden, needs[5])
     del hidden
     if needs[6]:
         grads[6] = _weight_grad(grad, activated)
@@ -261,7 +261,7 @@ def _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden,
     if needs[4]:
         grads[4] = _weight_grad(grad, normed)
     if needs[5]:
-        grads[5] = grad.sum(0)
+        grads[5] = dbias if dbias is not None else grad.sum(0)
     del normed
     if needs[0] or needs[1] or needs[2]:
         grad = _grad_input(grad, w1, onednn[0])
@@ -273,18 +273,24 @@ def _lean_backward(grad, x, mean, rstd, norm_weight, norm_bias, eps, w1, hidden,
     return grads
 
 
-def _gelu_backward(grad: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad * GELU'(hidden), GELU(hidden)) for a fresh `grad`: swinx's C kernel in one pass (float32 on
-    the CPU; `grad` overwritten), else PyTorch's gelu_backward and gelu."""
+def _gelu_backward(grad: torch.Tensor, hidden: torch.Tensor, sums: bool = False) -> tuple:
+    """(grad * GELU'(hidden), GELU(hidden), and with `sums` the first one's column sums, fc1's bias
+    gradient, else None) for a fresh (rows, width) `grad`: swinx's C kernel in one pass (float32 on the
+    CPU; `grad` overwritten), else PyTorch's gelu_backward and gelu."""
     lib = native.library() if _enabled and hidden.device.type == "cpu" else None
     same = grad.dtype == hidden.dtype == torch.float32 and grad.shape == hidden.shape
     if lib is not None and same and grad.is_contiguous() and hidden.is_contiguous():
-        activated = torch.empty_like(hidden)
-        lib.swinx_gelu_backward(
-            hidden.data_ptr(), grad.data_ptr(), activated.data_ptr(), hidden.numel(), torch.get_num_threads()
-        )
-        return grad, activated
-    return torch.ops.aten.gelu_backward(grad, hidden), F.gelu(hidden)
+        activated, threads = torch.empty_like(hidden), torch.get_num_threads()
+        pointers = hidden.data_ptr(), grad.data_ptr(), activated.data_ptr()
+        if not sums:
+            lib.swinx_gelu_backward(*pointers, hidden.numel(), threads)
+            return grad, activated, None
+        partial = torch.zeros(threads, hidden.shape[-1])
+        lib.swinx_gelu_backward_sums(*pointers, hidden.numel() // hidden.shape[-1], hidden.shape[-1],
+                                     partial.data_ptr(), threads)  # fmt: skip
+        return grad, activated, partial.sum(0)
+    dhidden = torch.ops.aten.gelu_backward(grad, hidden)
+    return dhidden, F.gelu(hidden), dhidden.sum(0) if sums else None
 
 
 def _trains_onednn(rows: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -294,7 +300,7 @@ def _trains_onednn(rows: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _grad_input(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
     """grad @ weight: through oneDNN for a layer whose forward went through it, else BLAS."""
-    return _onednn(grad, weight.t().contiguous(), None) if onednn else grad.mm(weight)
+    return _onednn(grad, weight.t(), None) if onednn else grad.mm(weight)  # oneDNN reads the strided view
 
 
 # ---------------------------------------------------------------------------------------------

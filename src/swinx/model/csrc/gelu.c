@@ -8,7 +8,7 @@
  * erf and exp per element. exp is the attention kernel's (vector.h). */
 #include "vector.h"
 
-static inline void gelu_grad(const float *h, float *g, float *act) {
+static inline vf gelu_grad(const float *h, float *g, float *act) {
     vf x, d;
     memcpy(&x, h, sizeof x);
     memcpy(&d, g, sizeof d);
@@ -28,6 +28,7 @@ static inline void gelu_grad(const float *h, float *g, float *act) {
     d = d * slope;
     memcpy(act, &value, sizeof value);
     memcpy(g, &d, sizeof d);
+    return d;
 }
 
 void swinx_gelu_backward(const float *h, float *g, float *act, int64_t n, int threads) {
@@ -45,6 +46,32 @@ void swinx_gelu_backward(const float *h, float *g, float *act, int64_t n, int th
             gelu_grad(hh, gg, aa);
             memcpy(g + i, gg, sizeof(float) * (end - i));
             memcpy(act + i, aa, sizeof(float) * (end - i));
+        }
+    }
+}
+
+/* The same for a (rows, width) block, also summing g * GELU'(h) over the rows: fc1's bias gradient,
+ * which would otherwise read the whole gradient again. Thread t takes the t-th of `threads` row
+ * ranges and writes its column sums to partial[t * width ...]; the caller adds the rows of partial. */
+void swinx_gelu_backward_sums(const float *h, float *g, float *act, int64_t rows, int64_t width, float *partial,
+                              int threads) {
+    enum { L = 16 };
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        float *sums = partial + t * width;
+        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; r++) {
+            const int64_t row = r * width;
+            int64_t j = 0;
+            for (; j + L <= width; j += L) store(sums + j, load(sums + j) + gelu_grad(h + row + j, g + row + j, act + row + j));
+            if (j < width) { /* the row's last few columns, through padded copies */
+                float hh[L] = {0}, gg[L] = {0}, aa[L];
+                memcpy(hh, h + row + j, sizeof(float) * (width - j));
+                memcpy(gg, g + row + j, sizeof(float) * (width - j));
+                gelu_grad(hh, gg, aa);
+                memcpy(g + row + j, gg, sizeof(float) * (width - j));
+                memcpy(act + row + j, aa, sizeof(float) * (width - j));
+                for (int64_t k = j; k < width; k++) sums[k] += gg[k - j];
+            }
         }
     }
 }
