@@ -278,7 +278,7 @@ class SegmentationFolder(Dataset):
         # of processes, any batch size and any loader worker, and replayed exactly on resume.
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed also queues a seed for each lazy accelerator
-            # module, formatting a stack trace each time (a third of a millisecond per sample).
+            # module, formatting a stack trace each time (0.14 ms per sample on an AMD EPYC Zen 4).
             torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**63)
             return *self.transforms(*pair), index
 
