@@ -361,3 +361,91 @@ def test_gelu_backward_kernel_sums_the_bias_gradient(rows, width, threads, monke
     strided = torch.randn(rows, 2 * width)[:, ::2]  # PyTorch's passes, the same three results
     dh2, act2, dbias2 = ops._gelu_backward(grad.clone(), strided, sums=True)
     torch.testing.assert_close(dbias2, dh2.sum(0))
+
+
+def _bf16_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bfloat16 values lie between a and b (same sign), elementwise."""
+
+    def ordinal(t):
+        bits = t.view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return (ordinal(a) - ordinal(b)).abs()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, width, threads", [(1, 1, 1), (3, 5, 4), (7, 16, 2), (37, 17, 2), (300, 96, 2),
+                                                  (50, 768, 1), (9, 3072, 2)])  # fmt: skip
+def test_layer_norm_kernel_is_the_float64_norm_rounded_once(rows, width, threads, monkeypatch):
+    """bfloat16 rows, float32 weight and bias, bfloat16 out: the float64 norm of the same inputs rounded
+    to bfloat16, give or take one bfloat16 step, for widths that end mid-vector, rows whose mean is
+    far from 0, more threads than rows; and PyTorch's mixed-type norm but for rare last-bit
+    differences."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(rows * width)
+    norm = torch.nn.LayerNorm(width, eps=1e-3 if width == 17 else 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(rows, width) * 3 + torch.randn(rows, 1) * 20).bfloat16()
+    with torch.inference_mode():
+        ours = ops.layer_norm(x, norm)
+        theirs = norm(x)
+    exact = torch.nn.functional.layer_norm(x.double(), (width,), norm.weight.double(), norm.bias.double(), norm.eps)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert _bf16_steps_apart(ours, exact.bfloat16()).max() <= 1
+    differing = (ours != theirs).float().mean().item()
+    assert differing < 0.01 and max_diff(ours.float(), theirs.float()) <= 2**-7 * exact.abs().max().item()
+
+
+@needs_kernels
+def test_layer_norm_kernel_runs_only_where_it_returns_what_the_norm_would(monkeypatch):
+    """The C norm takes eager bfloat16 inference on contiguous maps; training, float32 inputs, strided
+    maps, plain_ops and norms without an affine part go to nn.LayerNorm itself."""
+    calls = []
+    lib = native.library()
+    monkeypatch.setattr(native, "library", lambda: _Counting(lib, calls))
+    norm = torch.nn.LayerNorm(32)
+    x = torch.randn(2, 6, 5, 32).bfloat16()
+    with torch.inference_mode():
+        ops.layer_norm(x, norm)
+        assert len(calls) == 1
+        ops.layer_norm(x.float(), norm)
+        ops.layer_norm(x.transpose(1, 2), norm)
+        ops.layer_norm(x, torch.nn.LayerNorm(32, elementwise_affine=False))
+        with ops.plain_ops():
+            ops.layer_norm(x, norm)
+        ops.layer_norm(x, norm, fast=False)
+    assert len(calls) == 1
+    out = ops.layer_norm(x, norm)  # grad mode, parameters that need a gradient
+    assert len(calls) == 1 and out.requires_grad
+
+
+class _Counting:
+    """The kernels' library, counting calls to the norm."""
+
+    def __init__(self, lib, calls):
+        self.lib, self.calls = lib, calls
+
+    def __getattr__(self, name):
+        if name == "swinx_layer_norm_bf16":
+            self.calls.append(name)
+        return getattr(self.lib, name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", [1, 2])
+def test_model_under_bfloat16_autocast_norms_through_the_kernel(version, monkeypatch):
+    """bf16 autocast inference: every block's and merge's norm and the final one through the C norm,
+    the logits within bfloat16 rounding of those with PyTorch's norms."""
+    calls = []
+    lib = native.library()
+    model = tiny(version)
+    x = torch.randn(2, 3, 100, 132)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        plain = model(x).float()
+        monkeypatch.setattr(native, "library", lambda: _Counting(lib, calls))
+        fast = model(x).float()
+    blocks, merges = sum(model.config.depths), len(model.config.depths) - 1
+    assert len(calls) == 2 * blocks + merges + 1
+    assert max_diff(fast, plain) < 0.02 * plain.abs().max().item()

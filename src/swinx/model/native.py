@@ -1,5 +1,5 @@
-"""swinx's C kernels (csrc/*.c: window attention, GELU's backward), built for this machine on first
-use and loaded with ctypes.
+"""swinx's C kernels (csrc/*.c: window attention, GELU's backward, bfloat16 LayerNorm), built for this
+machine on first use and loaded with ctypes.
 
 The library is compiled with the system C compiler (`$CC`, else `cc`) at -O3 -march=native with
 OpenMP, once per source, compiler and CPU, into a cache folder ($SWINX_CACHE, else
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("window_attention.c", "gelu.c")
+SOURCES = ("window_attention.c", "gelu.c", "layer_norm.c")
 HEADERS = ("vector.h",)  # part of the cache key too
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
@@ -106,6 +106,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     gelu_sums = lib.swinx_gelu_backward_sums
     gelu_sums.restype = None
     gelu_sums.argtypes = [P] * 3 + [I64, I64, P, ctypes.c_int]
+    norm = lib.swinx_layer_norm_bf16
+    norm.restype = None
+    norm.argtypes = [P] * 4 + [I64, I64, ctypes.c_float, ctypes.c_int]
 
 
 def library() -> ctypes.CDLL | None:

@@ -69,8 +69,8 @@ class PatchMerging(nn.Module):
         # Channel order [x(0,0), x(1,0), x(0,1), x(1,1)] as (row, col) offsets: column offset outer.
         x = x.view(B, Hp // 2, 2, Wp // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, Hp // 2, Wp // 2, 4 * C)
         if self.version == 1:
-            return ops.linear(self.norm(x), self.reduction.weight, None)
-        return self.norm(ops.linear(x, self.reduction.weight, None))
+            return ops.linear(ops.layer_norm(x, self.norm), self.reduction.weight, None)
+        return ops.layer_norm(ops.linear(x, self.reduction.weight, None), self.norm)
 
 
 class Mlp(nn.Module):
@@ -94,7 +94,7 @@ class Mlp(nn.Module):
             nw, nb, eps = (norm.weight, norm.bias, norm.eps) if norm is not None else (None, None, 0.0)
             return ops.lean_mlp(x, nw, nb, eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         if norm is not None:
-            x = norm(x)
+            x = ops.layer_norm(x, norm, fast=self.fused)
         x = ops.linear(x, self.fc1.weight, self.fc1.bias, gelu=True, fast=self.fused)
         return self.drop(ops.linear(self.drop(x), self.fc2.weight, self.fc2.bias, fast=self.fused))
 
@@ -139,10 +139,10 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.version == 1:
-            x = x + self.drop_path(self.window_attention(self.norm1(x)))
+            x = x + self.drop_path(self.window_attention(ops.layer_norm(x, self.norm1, fast=self.attn.fused)))
             return x + self.drop_path(self.mlp(x, norm=self.norm2))
         x = x + self.drop_path(self.window_attention(x, post_norm=self.norm1))
-        return x + self.drop_path(self.norm2(self.mlp(x)))
+        return x + self.drop_path(ops.layer_norm(self.mlp(x), self.norm2, fast=self.mlp.fused))
 
     def window_attention(self, x: torch.Tensor, return_attn: bool = False, post_norm: nn.Module | None = None):
         """Pad, roll, partition, attend, reverse, roll back, crop: (B, H, W, C) -> (B, H, W, C).
@@ -184,7 +184,7 @@ class SwinBlock(nn.Module):
     def _finish(x, H, W, padded, attn, post_norm, return_attn):
         """V2's post-norm, then the crop back to (H, W)."""
         if post_norm is not None:  # V2's norm is per token: applied before the crop, on a contiguous map
-            x = post_norm(x)
+            x = ops.layer_norm(x, post_norm)
         if torch.compiler.is_compiling():
             # Always crop, into a fresh contiguous map: whether a crop view is contiguous depends
             # on the size, and asking would make dynamic-shape graphs recompile when it changes.
@@ -428,7 +428,7 @@ class SwinTransformer(SwinTrunk):
             x = stage(x)
             if stage.downsample is not None:
                 x = stage.downsample(x)
-        return self.norm(x)
+        return ops.layer_norm(x, self.norm)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, H, W, C) -> pooled features (B, C) if pre_logits, else logits (B, num_classes)."""

@@ -1,0 +1,70 @@
+/* LayerNorm for bfloat16 inference: bfloat16 rows in, float32 weight and bias, bfloat16 out (what
+ * PyTorch's mixed-type norm returns for the residual stream under bf16 autocast).
+ *
+ * Each row is widened to float32 in a stack buffer (it stays in L1 for the three passes), then
+ * mean and the biased variance by two passes, rstd = 1 / sqrt(var + eps), and
+ * out = (x - mean) * rstd * weight + bias rounded once to bfloat16, to nearest even. A row is short
+ * (Swin's widths are 96-3072), so the two horizontal sums are a tree of adds. */
+#include <math.h>
+
+#include "vector.h"
+
+static inline float hsum(vf v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float s = 0.0f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+#endif
+}
+
+/* x: the row in float32, padded with zeros to whole vectors (padded = C rounded up to LANES). */
+static void norm_row(const float *x, const float *w, const float *b, uint16_t *out, int64_t C, int64_t padded,
+                     float eps) {
+    vf acc = splat(0.0f);
+    for (int64_t j = 0; j < padded; j += LANES) acc += load(x + j);
+    const float mean = hsum(acc) / (float)C;
+    acc = splat(0.0f);
+    int64_t j = 0;
+    for (; j + LANES <= C; j += LANES) {
+        const vf d = load(x + j) - splat(mean);
+        acc += d * d;
+    }
+    if (j < C) { /* the padding's zeros are no deviations: masked out */
+        const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        const vf d = where(lane < (vi){} + (int32_t)(C - j), load(x + j) - splat(mean), splat(0.0f));
+        acc += d * d;
+    }
+    const float rstd = 1.0f / sqrtf(hsum(acc) / (float)C + eps);
+    for (j = 0; j + LANES <= C; j += LANES)
+        store_bf16(out + j, (load(x + j) - splat(mean)) * splat(rstd) * load(w + j) + load(b + j));
+    if (j < C) { /* the row's last few values, through padded copies */
+        float ww[LANES] = {0}, bb[LANES] = {0};
+        uint16_t oo[LANES];
+        memcpy(ww, w + j, sizeof(float) * (C - j));
+        memcpy(bb, b + j, sizeof(float) * (C - j));
+        store_bf16(oo, (load(x + j) - splat(mean)) * splat(rstd) * load(ww) + load(bb));
+        memcpy(out + j, oo, sizeof(uint16_t) * (C - j));
+    }
+}
+
+void swinx_layer_norm_bf16(const uint16_t *x, const float *w, const float *b, uint16_t *out, int64_t rows, int64_t C,
+                           float eps, int threads) {
+    const int64_t padded = (C + LANES - 1) / LANES * LANES;
+#pragma omp parallel num_threads(threads)
+    {
+        float row[padded];
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t *src = x + r * C;
+            int64_t j = 0;
+            for (; j + LANES <= C; j += LANES) store(row + j, load_bf16(src + j));
+            for (; j < padded; j++) {
+                const uint32_t bits = j < C ? (uint32_t)src[j] << 16 : 0;
+                memcpy(row + j, &bits, sizeof bits);
+            }
+            norm_row(row, w, b, out + r * C, C, padded, eps);
+        }
+    }
+}
