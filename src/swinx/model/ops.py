@@ -124,24 +124,55 @@ def linear(
 
 
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, fast: bool = True) -> torch.Tensor:
-    """norm(x); for bfloat16 inference on the CPU (the residual stream under bf16 autocast) by one C
-    pass (csrc/layer_norm.c): 1.4-1.6x PyTorch's kernel on Swin's widths (AMD EPYC Zen 4, 2 threads),
-    the same float32 arithmetic up to its last bits before the one rounding to bfloat16 (3e-5 of the
-    values come out one bfloat16 step apart)."""
-    if fast and _norm_takes(x, norm):
+    """norm(x); for bfloat16 on the CPU (the residual stream under bf16 autocast), inference and
+    training, by swinx's C kernels (csrc/layer_norm.c): one pass each way, 1.4-1.6x PyTorch's forward
+    on Swin's widths (AMD EPYC Zen 4, 2 threads), the same float32 arithmetic up to its last bits
+    before the one rounding to bfloat16 (3e-5 of the values come out one bfloat16 step apart)."""
+    if not (fast and _norm_takes(x, norm)):
+        return norm(x)
+    lib, rows, width = native.library(), x.numel() // x.shape[-1], x.shape[-1]
+    weight, bias = norm.weight, norm.bias
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
         out = torch.empty(x.shape, dtype=torch.bfloat16)
-        native.library().swinx_layer_norm_bf16(
-            x.data_ptr(), norm.weight.data_ptr(), norm.bias.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
-            x.shape[-1], norm.eps, torch.get_num_threads(),
-        )  # fmt: skip
+        pointers = x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr()
+        lib.swinx_layer_norm_bf16(*pointers, rows, width, norm.eps, torch.get_num_threads())
         return out
-    return norm(x)
+    return _LayerNormBf16.apply(x, weight, bias, norm.eps)
+
+
+class _LayerNormBf16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        rows, width = x.numel() // x.shape[-1], x.shape[-1]
+        out, mean, rstd = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(rows), torch.empty(rows)
+        native.library().swinx_layer_norm_bf16_train(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            rows, width, eps, torch.get_num_threads(),
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16).contiguous()
+        rows, width, threads = x.numel() // x.shape[-1], x.shape[-1], torch.get_num_threads()
+        dx = torch.empty(x.shape, dtype=torch.bfloat16)
+        params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        padded = -(-width // 16) * 16
+        partial = torch.zeros(threads, 2, padded) if params else None
+        native.library().swinx_layer_norm_bf16_backward(
+            grad.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+            partial.data_ptr() if params else None, rows, width, threads,
+        )  # fmt: skip
+        sums = partial[:, :, :width].sum(0) if params else (None, None)
+        return dx if ctx.needs_input_grad[0] else None, sums[0], sums[1], None
 
 
 def _norm_takes(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
-    """Whether `layer_norm` runs the C kernel: eager CPU inference on a contiguous bfloat16 x, an
-    affine norm over the last dimension with contiguous float32 parameters (autocast's and PyTorch's
-    mixed-type norm then returns bfloat16 too), and swinx's C kernels built."""
+    """Whether `layer_norm` runs the C kernels: eager CPU code on a contiguous bfloat16 x, an affine
+    norm over the last dimension with contiguous float32 parameters (PyTorch's mixed-type norm then
+    returns bfloat16 too), and swinx's C kernels built."""
     weight, bias = norm.weight, norm.bias
     return (
         _enabled
@@ -155,7 +186,6 @@ def _norm_takes(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
         and weight.dtype == bias.dtype == torch.float32
         and weight.is_contiguous()
         and bias.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and native.library() is not None

@@ -6,6 +6,7 @@
  * out = (x - mean) * rstd * weight + bias rounded once to bfloat16, to nearest even. A row is short
  * (Swin's widths are 96-3072), so the two horizontal sums are a tree of adds. */
 #include <math.h>
+#include <omp.h>
 
 #include "vector.h"
 
@@ -21,7 +22,7 @@ static inline float hsum(vf v) {
 
 /* x: the row in float32, padded with zeros to whole vectors (padded = C rounded up to LANES). */
 static void norm_row(const float *x, const float *w, const float *b, uint16_t *out, int64_t C, int64_t padded,
-                     float eps) {
+                     float eps, float *mean_out, float *rstd_out) {
     vf acc = splat(0.0f);
     for (int64_t j = 0; j < padded; j += LANES) acc += load(x + j);
     const float mean = hsum(acc) / (float)C;
@@ -37,6 +38,10 @@ static void norm_row(const float *x, const float *w, const float *b, uint16_t *o
         acc += d * d;
     }
     const float rstd = 1.0f / sqrtf(hsum(acc) / (float)C + eps);
+    if (mean_out) {
+        *mean_out = mean;
+        *rstd_out = rstd;
+    }
     for (j = 0; j + LANES <= C; j += LANES)
         store_bf16(out + j, (load(x + j) - splat(mean)) * splat(rstd) * load(w + j) + load(b + j));
     if (j < C) { /* the row's last few values, through padded copies */
@@ -49,6 +54,16 @@ static void norm_row(const float *x, const float *w, const float *b, uint16_t *o
     }
 }
 
+/* A bfloat16 row as float32, zeros past C up to `padded`. */
+static void widen_row(const uint16_t *src, float *row, int64_t C, int64_t padded) {
+    int64_t j = 0;
+    for (; j + LANES <= C; j += LANES) store(row + j, load_bf16(src + j));
+    for (; j < padded; j++) {
+        const uint32_t bits = j < C ? (uint32_t)src[j] << 16 : 0;
+        memcpy(row + j, &bits, sizeof bits);
+    }
+}
+
 void swinx_layer_norm_bf16(const uint16_t *x, const float *w, const float *b, uint16_t *out, int64_t rows, int64_t C,
                            float eps, int threads) {
     const int64_t padded = (C + LANES - 1) / LANES * LANES;
@@ -57,14 +72,66 @@ void swinx_layer_norm_bf16(const uint16_t *x, const float *w, const float *b, ui
         float row[padded];
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            const uint16_t *src = x + r * C;
-            int64_t j = 0;
-            for (; j + LANES <= C; j += LANES) store(row + j, load_bf16(src + j));
-            for (; j < padded; j++) {
-                const uint32_t bits = j < C ? (uint32_t)src[j] << 16 : 0;
-                memcpy(row + j, &bits, sizeof bits);
+            widen_row(x + r * C, row, C, padded);
+            norm_row(row, w, b, out + r * C, C, padded, eps, NULL, NULL);
+        }
+    }
+}
+
+/* The same for training: also each row's mean and rstd (float32), which the backward reads. */
+void swinx_layer_norm_bf16_train(const uint16_t *x, const float *w, const float *b, uint16_t *out, float *mean,
+                                 float *rstd, int64_t rows, int64_t C, float eps, int threads) {
+    const int64_t padded = (C + LANES - 1) / LANES * LANES;
+#pragma omp parallel num_threads(threads)
+    {
+        float row[padded];
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            widen_row(x + r * C, row, C, padded);
+            norm_row(row, w, b, out + r * C, C, padded, eps, mean + r, rstd + r);
+        }
+    }
+}
+
+/* The backward from the gradient dy (bfloat16) of out: with xhat = (x - mean) rstd and g = dy weight,
+ * dx = rstd (g - mean(g) - xhat mean(g xhat)) (bfloat16, a fresh tensor),
+ * and the weight and bias gradients dy xhat and dy summed over the rows: thread t adds its rows into
+ * partial[t * 2C ...] (weight's C, then bias's C), which the caller sums. */
+void swinx_layer_norm_bf16_backward(const uint16_t *dy, const uint16_t *x, const float *w, const float *mean,
+                                    const float *rstd, uint16_t *dx, float *partial, int64_t rows, int64_t C,
+                                    int threads) {
+    const int64_t padded = (C + LANES - 1) / LANES * LANES;
+#pragma omp parallel num_threads(threads)
+    {
+        float xr[padded], gr[padded], ww[padded];
+        memset(ww, 0, sizeof ww);
+        memcpy(ww, w, sizeof(float) * C);
+        float *dw = partial ? partial + (int64_t)omp_get_thread_num() * 2 * padded : NULL, *db = dw ? dw + padded : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            widen_row(x + r * C, xr, C, padded);
+            widen_row(dy + r * C, gr, C, padded);
+            const vf m = splat(mean[r]), s = splat(rstd[r]);
+            vf sum_g = splat(0.0f), sum_gx = splat(0.0f);
+            for (int64_t j = 0; j < padded; j += LANES) { /* the padding: dy = 0 there, so g = 0 */
+                const vf xhat = (load(xr + j) - m) * s, d = load(gr + j), g = d * load(ww + j);
+                sum_g += g;
+                sum_gx += g * xhat;
+                if (dw) {
+                    store(dw + j, load(dw + j) + d * xhat);
+                    store(db + j, load(db + j) + d);
+                }
+                store(xr + j, xhat);
+                store(gr + j, g);
             }
-            norm_row(row, w, b, out + r * C, C, padded, eps);
+            const vf mg = splat(hsum(sum_g) / (float)C), mgx = splat(hsum(sum_gx) / (float)C);
+            int64_t j = 0;
+            for (; j + LANES <= C; j += LANES) store_bf16(dx + r * C + j, s * (load(gr + j) - mg - load(xr + j) * mgx));
+            if (j < C) {
+                uint16_t oo[LANES];
+                store_bf16(oo, s * (load(gr + j) - mg - load(xr + j) * mgx));
+                memcpy(dx + r * C + j, oo, sizeof(uint16_t) * (C - j));
+            }
         }
     }
 }
