@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from swinx.model import ops
 from swinx.model.config import SwinConfig
 from swinx.model.swin import SwinTrunk
 
@@ -106,7 +107,8 @@ class SwinBackbone(SwinTrunk):
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = self.stage_outputs(x, self.out_indices[-1] + 1)
         return OrderedDict(
-            (str(i), getattr(self, f"norm{i}")(maps[i]).permute(0, 3, 1, 2).contiguous()) for i in self.out_indices
+            (str(i), ops.layer_norm(maps[i], getattr(self, f"norm{i}")).permute(0, 3, 1, 2).contiguous())
+            for i in self.out_indices
         )
 
     def extra_repr(self) -> str:
