@@ -108,10 +108,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     gelu_sums.argtypes = [P] * 3 + [I64, I64, P, ctypes.c_int]
     norm = lib.swinx_layer_norm_bf16
     norm.restype = None
-    norm.argtypes = [P] * 4 + [I64, I64, ctypes.c_float, ctypes.c_int]
-    norm_train = lib.swinx_layer_norm_bf16_train
-    norm_train.restype = None
-    norm_train.argtypes = [P] * 6 + [I64, I64, ctypes.c_float, ctypes.c_int]
+    norm.argtypes = [P] * 6 + [I64, I64, ctypes.c_float, ctypes.c_int]
     norm_backward = lib.swinx_layer_norm_bf16_backward
     norm_backward.restype = None
     norm_backward.argtypes = [P] * 7 + [I64, I64, ctypes.c_int]

@@ -125,30 +125,37 @@ def linear(
 
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, fast: bool = True) -> torch.Tensor:
     """norm(x); for bfloat16 on the CPU (the residual stream under bf16 autocast), inference and
-    training, by swinx's C kernels (csrc/layer_norm.c): one pass each way, 1.4-1.6x PyTorch's forward
-    on Swin's widths (AMD EPYC Zen 4, 2 threads), the same float32 arithmetic up to its last bits
-    before the one rounding to bfloat16 (3e-5 of the values come out one bfloat16 step apart)."""
+    training, by swinx's C kernels (csrc/layer_norm.c): one read of each row from memory each way,
+    1.4-1.6x PyTorch's forward on Swin's widths (AMD EPYC Zen 4, 2 threads), the same float32
+    arithmetic up to its last bits before the one rounding to bfloat16 (3e-5 of the values come out
+    one bfloat16 step apart)."""
     if not (fast and _norm_takes(x, norm)):
         return norm(x)
-    lib, rows, width = native.library(), x.numel() // x.shape[-1], x.shape[-1]
     weight, bias = norm.weight, norm.bias
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
-        out = torch.empty(x.shape, dtype=torch.bfloat16)
-        pointers = x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr()
-        lib.swinx_layer_norm_bf16(*pointers, rows, width, norm.eps, torch.get_num_threads())
-        return out
-    return _LayerNormBf16.apply(x, weight, bias, norm.eps)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _LayerNormBf16.apply(x, weight, bias, norm.eps)
+    return _layer_norm_forward(x, weight, bias, norm.eps, None, None)
+
+
+def _layer_norm_forward(x, weight, bias, eps, mean, rstd) -> torch.Tensor:
+    """The C norm's bfloat16 output; each row's mean and rstd written into `mean` and `rstd` unless None."""
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    native.library().swinx_layer_norm_bf16(
+        x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), None if mean is None else mean.data_ptr(),
+        None if rstd is None else rstd.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+_LANES = 16  # csrc/vector.h's vector width: the backward's per-thread sums are padded to whole vectors
 
 
 class _LayerNormBf16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        rows, width = x.numel() // x.shape[-1], x.shape[-1]
-        out, mean, rstd = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(rows), torch.empty(rows)
-        native.library().swinx_layer_norm_bf16_train(
-            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-            rows, width, eps, torch.get_num_threads(),
-        )  # fmt: skip
+        rows = x.numel() // x.shape[-1]
+        mean, rstd = torch.empty(rows), torch.empty(rows)
+        out = _layer_norm_forward(x, weight, bias, eps, mean, rstd)
         ctx.save_for_backward(x, weight, mean, rstd)
         return out
 
@@ -159,8 +166,7 @@ class _LayerNormBf16(torch.autograd.Function):
         rows, width, threads = x.numel() // x.shape[-1], x.shape[-1], torch.get_num_threads()
         dx = torch.empty(x.shape, dtype=torch.bfloat16)
         params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        padded = -(-width // 16) * 16
-        partial = torch.zeros(threads, 2, padded) if params else None
+        partial = torch.zeros(threads, 2, -(-width // _LANES) * _LANES) if params else None
         native.library().swinx_layer_norm_bf16_backward(
             grad.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
             partial.data_ptr() if params else None, rows, width, threads,

