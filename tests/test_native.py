@@ -209,6 +209,35 @@ def test_kernel_runs_on_pytorchs_thread_team():
     assert len(os.listdir("/proc/self/task")) == tasks
 
 
+@needs_kernels
+@pytest.mark.parametrize("flush", [False, True])
+def test_kernel_leaves_the_threads_denormal_setting_as_it_found_it(flush):
+    """The kernels read and write denormals as zero while they run (a masked key's probability times a
+    value falls below 1.2e-38, which Intel cores handle by a slow microcode assist); afterwards
+    PyTorch's threads, the caller's and the team's, keep whatever setting they had (PyTorch's own
+    flag covers the calling thread only)."""
+    torch.set_num_threads(2)
+    one, many = torch.full((64,), 1e-38), torch.full((1 << 17,), 1e-38)  # many: split over the team
+
+    def flushed():  # which share of 1e-40 (a denormal) comes out as zero, in this thread and in the team
+        return ((one * 0.01) == 0).float().mean().item(), ((many * 0.01) == 0).float().mean().item()
+
+    before = torch.set_flush_denormal(flush)
+    try:
+        (many * 2).sum()  # the team is up
+        found = flushed()
+        assert found[0] == (1.0 if flush else 0.0)
+        qkv = torch.randn(2, 4 * 49, 3, 3, 32, requires_grad=True)
+        bias = torch.zeros(4, 3, 49, 49)
+        bias[..., 25:] = -100.0  # a shift mask: probabilities near exp(-87) and products below them
+        attention._native_attention(qkv, torch.randperm(4 * 49), attention.pad_keys(bias), 0.2).sum().backward()
+        assert qkv.grad.isfinite().all()
+        assert flushed() == found
+    finally:
+        torch.set_flush_denormal(False)
+    assert before  # the CPU could flush denormals at all (x86 with SSE3)
+
+
 def tiny(version: int = 1) -> SwinTransformer:
     torch.manual_seed(version)
     config = SwinConfig(

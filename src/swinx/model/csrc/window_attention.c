@@ -579,6 +579,7 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
+        const unsigned csr = denormals_off();
         const size_t kt_words = (size_t)DH * NP, vv_vectors = (size_t)pairs * chunks * 2;
         char *buf = aligned_alloc(64, 64 * vv_vectors + 4 * kt_words + 4 * (size_t)ROWS * NP * 3 / 2 + 64);
         if (!buf) {
@@ -640,6 +641,7 @@ static int forward_bf16(const void *q, const int64_t *qs, const void *k, const i
             }
             free(buf);
         }
+        denormals_restore(csr);
     }
     return failed;
 }
@@ -693,6 +695,7 @@ static int backward_bf16(const void *q, const int64_t *qs, const void *k, const 
     int failed = 0, team = 1;
 #pragma omp parallel num_threads(threads)
     {
+        const unsigned csr = denormals_off();
         const int me = team_slot(&team);
         /* kk2, dd2, qq2 (pairs x 2 vectors each), kt2, vt2 (DH x NP words), P, dS (N x NP), dsw (ROWS x NP / 2
          * words), PP2, SS2 (pairs x NP words): every size a multiple of 64 bytes */
@@ -771,6 +774,7 @@ static int backward_bf16(const void *q, const int64_t *qs, const void *k, const 
             }
         }
         free(buf);
+        denormals_restore(csr);
     }
     return sum_partials(dbias, partial, team, threads, bias_size, failed);
 }
@@ -794,6 +798,7 @@ int swinx_window_attention(const void *q, const int64_t *qs, const void *k, cons
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
+        const unsigned csr = denormals_off();
         const size_t kept = (size_t)DP * NP + 2 * (size_t)N * DP; /* k^T, v, q: zero padding set once */
         float *buf = aligned_alloc(64, sizeof(float) * (kept + (size_t)ROWS * NP + (size_t)ROWS * DP));
         if (!buf) {
@@ -840,6 +845,7 @@ int swinx_window_attention(const void *q, const int64_t *qs, const void *k, cons
             }
             free(buf);
         }
+        denormals_restore(csr);
     }
     return failed;
 }
@@ -867,6 +873,7 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
     if (!partial) return 1;
 #pragma omp parallel num_threads(threads)
     {
+        const unsigned csr = denormals_off();
         const int me = team_slot(&team);
         /* k^T, v^T, then k, q, o, do as rows (zero padding set once), P and dS */
         const size_t kept = 2 * (size_t)DP * NP + 4 * (size_t)N * DP;
@@ -949,6 +956,7 @@ int swinx_window_attention_backward(const void *q, const int64_t *qs, const void
             }
         }
         free(buf);
+        denormals_restore(csr);
     }
     return sum_partials(dbias, partial, team, threads, bias_size, failed);
 }
