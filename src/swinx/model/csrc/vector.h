@@ -100,12 +100,12 @@ static inline vf exp_nonpositive(vf x) { /* 2^n through the exponent bits */
 }
 #endif
 
-/* Denormal floats (below 1.2e-38) read and written as zero by the calling thread until restored: a
- * masked score (the shift mask's -100, a key past N) leaves probabilities near exp(-87) = 1.6e-38,
- * and their products with values or gradients fall below it. Intel cores take a microcode assist
- * for every such operand or result (AMD's Zen 4 does not), which made the shifted blocks' attention
- * 2x slower forward and 4x slower backward on an Intel Xeon. Each kernel's threads (PyTorch's own
- * OpenMP team) set this on entry and restore the caller's state on exit. */
+/* Denormal floats (below 1.2e-38) read and written as zero by the calling thread until restored: the
+ * shift mask's -100 leaves probabilities near exp(-87) = 1.6e-38, and their products with values or
+ * gradients fall below it. Intel cores take a microcode assist for each such operand or result: on an
+ * Intel Xeon (family 6 model 167, 2 threads) it made the shifted blocks' attention 2x slower forward
+ * and 4x slower backward. Each kernel's threads (PyTorch's own OpenMP team) set this on entry and
+ * restore the caller's state on exit. */
 #ifdef __SSE__
 static inline unsigned denormals_off(void) {
     const unsigned csr = _mm_getcsr();
